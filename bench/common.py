@@ -1,0 +1,56 @@
+"""Timing helpers shared by the benchmarks: median wall time and ratio records."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def _sync(device: torch.device | str | None) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(
+    fn: Callable[[], object], *, warmup: int = 5, reps: int = 20, device: torch.device | str | None = None
+) -> float:
+    """Median wall time of ``fn()`` in seconds over ``reps`` runs after ``warmup`` runs.
+
+    On CUDA the device is synchronised before and after every run, so the time covers the kernels.
+    """
+    if reps < 1:
+        raise ValueError(f"reps must be >= 1, got {reps}")
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def record(name: str, ours: float, baseline: float, baseline_name: str, shape: str, **extra: object) -> dict:
+    """One benchmark row: ``ratio`` is ours / baseline (lower is better)."""
+    return {
+        "name": name,
+        "ratio": ours / baseline,
+        "ours_s": ours,
+        "baseline_s": baseline,
+        "baseline": baseline_name,
+        "shape": shape,
+        **extra,
+    }
+
+
+def device_of(device: str) -> torch.device:
+    """``"auto"`` picks CUDA when present."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

@@ -1,0 +1,350 @@
+"""Multi-head attention and Elliptical Attention on one code path.
+
+Elliptical Attention (Nielsen et al., NeurIPS 2024) replaces the dot-product kernel ``q·k/√D`` by a
+Mahalanobis one, ``q diag(m) kᵀ/√D``, with ``m`` estimated, without parameters, from how the values of a
+head change between consecutive layers (see ``shared/specs/elliptical.md``). A diagonal ``m`` only rescales
+the queries, so both modules call the fused ``F.scaled_dot_product_attention`` on ``q ⊙ m``.
+
+Masks follow ``F.scaled_dot_product_attention``: ``key_padding_mask`` is bool ``[B, N]`` with
+**True = keep** (a real token) and False = padding, the opposite of ``torch.nn.MultiheadAttention``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ESTIMATORS = ("mean", "median", "identity", "random", "isotropic")
+
+
+def padding_mask_from_lengths(lengths: Tensor, n: int) -> Tensor:
+    """Keep-mask from sequence lengths.
+
+    Args:
+        lengths: ``[B]`` integer lengths, each in ``1..n``.
+        n: sequence length N.
+
+    Returns:
+        bool ``[B, n]``, True = keep (``position < length``).
+    """
+    if lengths.dim() != 1 or lengths.is_floating_point() or lengths.dtype == torch.bool:
+        raise ValueError(
+            f"lengths must be a 1-D integer tensor, got dtype {lengths.dtype}, shape {tuple(lengths.shape)}"
+        )
+    if lengths.numel() and (lengths.min() < 1 or lengths.max() > n):
+        raise ValueError(f"lengths must lie in 1..{n}, got min {int(lengths.min())}, max {int(lengths.max())}")
+    return torch.arange(n, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def check_key_padding_mask(mask: Tensor | None, batch: int, n: int, *, causal: bool = False) -> None:
+    """Validate a keep-mask: bool ``[B, N]``, True = keep, at least one kept token per sample.
+
+    Causal attention also needs right padding (kept tokens first): a left-padded row would leave query
+    positions with no key to attend to.
+    """
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise TypeError(
+            f"key_padding_mask must be a bool tensor [B, N] with True = keep (real token), got {got}; "
+            "float masks are not accepted (convert with `mask > 0` or pass lengths to padding_mask_from_lengths)"
+        )
+    if tuple(mask.shape) != (batch, n):
+        raise ValueError(f"key_padding_mask must have shape [B, N] = {[batch, n]}, got {list(mask.shape)}")
+    if not bool(mask.any(dim=1).all()):
+        empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
+        raise ValueError(f"key_padding_mask keeps no token in sample(s) {empty}; every sample needs >= 1 real token")
+    if causal and bool((mask[:, 1:] & ~mask[:, :-1]).any()):
+        raise ValueError(
+            "causal attention needs right padding (key_padding_mask True for the first tokens, then False); "
+            "got a mask with padding before a real token"
+        )
+
+
+def _reduce_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _normalise(s: Tensor, eps: float) -> Tensor:
+    """``m = s / max_d s`` (1 where the max is ≤ eps), clamped to ``[eps, 1]``."""
+    z = s.amax(dim=-1, keepdim=True)
+    flat = z <= eps
+    m = torch.where(flat, torch.ones_like(s), s / torch.where(flat, torch.ones_like(z), z))
+    return m.clamp_min(eps)
+
+
+def _median_over_tokens(a: Tensor, keep: Tensor | None) -> Tensor:
+    """Lower median of ``a [B,H,N,D]`` over N, padded tokens ignored. Returns ``[B,H,1,D]``."""
+    if keep is None:
+        return a.median(dim=2, keepdim=True).values
+    a = torch.where(keep, a, torch.full_like(a, float("inf")))
+    ordered = a.sort(dim=2).values
+    count = keep.sum(dim=2, keepdim=True)  # [B,1,1,1]
+    index = ((count - 1) // 2).expand(a.shape[0], a.shape[1], 1, a.shape[3])
+    return ordered.gather(2, index)
+
+
+def elliptical_metric(
+    v: Tensor,
+    v_prev: Tensor | None,
+    *,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    estimator: str = "mean",
+    eps: float = 1e-6,
+    detach: bool = True,
+    generator: torch.Generator | None = None,
+    random_low: float = 0.0,
+) -> Tensor:
+    """The diagonal Mahalanobis metric ``m`` of Elliptical Attention.
+
+    ``s_d`` is the mean over (kept) tokens of ``|v − v_prev|`` along coordinate d; causal attention uses the
+    prefix mean (query t sees tokens ≤ t only). Then ``m = s / max_d s`` (``m ≡ 1`` when the head did not
+    change, ``max_d s ≤ eps``), clamped to ``[eps, 1]``. The finite-difference step δ of the paper cancels
+    in this normalisation, so it is not a parameter.
+
+    Args:
+        v: values of this layer, ``[B, H, N, D]``.
+        v_prev: values of the previous layer, same shape; may be None only for ``identity``/``random``.
+        causal: prefix mean per query position instead of the mean over the sequence.
+        key_padding_mask: bool ``[B, N]``, **True = keep** (real token), False = padding (SDPA's
+            convention, the opposite of ``torch.nn.MultiheadAttention``). Padded tokens are excluded with
+            ``torch.where``, so NaN or inf there cannot leak.
+        estimator: ``mean`` (default), ``median`` (lower median over kept tokens; non-causal only),
+            ``identity`` (``m ≡ 1``: standard attention), ``random`` (U[``random_low``, 1) per (b, h, d),
+            fresh each call, same normalisation) or ``isotropic`` (the mean estimate averaged over d and
+            broadcast: a temperature-matched control).
+        eps: stabiliser and floor of ``m``.
+        detach: compute ``m`` without a graph (the reference setting). ``False`` backpropagates through it.
+        generator: random generator for ``random``.
+        random_low: lower end of the uniform draw for ``random``.
+
+    Returns:
+        ``m`` in ``v``'s dtype (reduced in at least float32): ``[B, H, 1, D]``, or ``[B, H, N, D]`` for the
+        causal ``mean``/``isotropic`` estimators, so ``q * m`` broadcasts. ``identity`` and ``random`` are
+        constant over positions and always return ``[B, H, 1, D]``.
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if not isinstance(v, Tensor) or v.dim() != 4:
+        raise ValueError(f"v must be a [B, H, N, D] tensor, got shape {getattr(v, 'shape', type(v).__name__)}")
+    if not v.is_floating_point():
+        raise TypeError(f"v must be a floating-point tensor, got {v.dtype}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    batch, heads, n, dim = v.shape
+    if batch == 0 or n == 0:
+        raise ValueError(f"v is empty (shape {list(v.shape)}): need at least one sample and one token")
+    check_key_padding_mask(key_padding_mask, batch, n, causal=causal)
+    rdtype = _reduce_dtype(v)
+    if estimator == "identity":
+        return torch.ones(batch, heads, 1, dim, device=v.device, dtype=v.dtype)
+    if estimator == "random":
+        if not 0.0 <= random_low < 1.0:
+            raise ValueError(f"random_low must lie in [0, 1), got {random_low}")
+        u = torch.rand(batch, heads, 1, dim, generator=generator, device=v.device, dtype=rdtype)
+        return _normalise(random_low + (1.0 - random_low) * u, eps).to(v.dtype)
+    if v_prev is None:
+        raise ValueError(f"v_prev is required by estimator {estimator!r} (only identity/random accept None)")
+    if not isinstance(v_prev, Tensor) or v_prev.shape != v.shape:
+        raise ValueError(
+            f"v and v_prev must have equal shape (B, H, N, D); got v {list(v.shape)}, "
+            f"v_prev {list(getattr(v_prev, 'shape', []))}"
+        )
+    if estimator == "median" and causal:
+        raise NotImplementedError("the median estimator is not implemented for causal attention (prefix median)")
+    if detach:
+        v, v_prev = v.detach(), v_prev.detach()
+    a = (v.to(rdtype) - v_prev.to(rdtype)).abs()
+    keep = None if key_padding_mask is None else key_padding_mask[:, None, :, None]
+    if keep is not None:
+        a = torch.where(keep, a, torch.zeros((), dtype=rdtype, device=a.device))
+    if estimator == "median":
+        s = _median_over_tokens(a, keep)
+    elif causal:
+        count = torch.arange(1, n + 1, device=a.device, dtype=rdtype)[None, None, :, None]
+        if keep is not None:
+            count = keep.to(rdtype).cumsum(dim=2).clamp_min(1.0)
+        s = a.cumsum(dim=2) / count
+    else:
+        count = torch.tensor(float(n), dtype=rdtype, device=a.device)
+        if keep is not None:
+            count = keep.to(rdtype).sum(dim=2, keepdim=True)
+        s = a.sum(dim=2, keepdim=True) / count
+    m = _normalise(s, eps)
+    if estimator == "isotropic":
+        m = m.mean(dim=-1, keepdim=True).expand_as(m)
+    return m.to(v.dtype)
+
+
+class _Attention(nn.Module):
+    """Shared code path: ``Linear(dim, 3·dim)`` → heads → (``q ⊙ m``) → SDPA → ``Linear(dim, dim)``."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        causal: bool,
+        dropout: float,
+        bias: bool,
+        estimator: str | None,
+        metric_grad: bool = False,
+        eps: float = 1e-6,
+        scale: float | None = None,
+        store_metric: bool = False,
+        random_low: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if dim <= 0 or num_heads <= 0 or dim % num_heads:
+            raise ValueError(f"dim must be a positive multiple of num_heads, got dim={dim}, num_heads={num_heads}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        if estimator is not None and estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
+        self.causal, self.dropout, self.scale = causal, dropout, scale
+        self.estimator, self.metric_grad, self.eps = estimator, metric_grad, eps
+        self.store_metric, self.random_low = store_metric, random_low
+        self.generator: torch.Generator | None = None
+        self.check_inputs = True
+        self.last_metric: Tensor | None = None
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.proj = nn.Linear(dim, dim, bias=bias)
+
+    def _attn_mask(self, key_padding_mask: Tensor | None, n: int) -> Tensor | None:
+        """One boolean mask ``[B, 1, N|1, N]`` (True = attend) combining keys and the causal triangle."""
+        if key_padding_mask is None:
+            return None
+        mask = key_padding_mask[:, None, None, :]
+        if self.causal:
+            tri = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
+            mask = mask & tri
+        return mask
+
+    def forward(
+        self, x: Tensor, key_padding_mask: Tensor | None = None, v_prev: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Attend.
+
+        Args:
+            x: ``[B, N, dim]``.
+            key_padding_mask: bool ``[B, N]``, **True = keep** (real token), False = padding.
+            v_prev: the previous layer's values ``[B, H, N, D]``; None makes this call plain attention for
+                every estimator. Ignored by :class:`MultiheadAttention`.
+
+        Returns:
+            ``(out [B, N, dim], v [B, H, N, D])``; ``v`` is not detached, so a later layer's metric can
+            carry gradient when ``metric_grad`` is on.
+        """
+        if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be [B, N, dim={self.dim}], got shape {list(getattr(x, 'shape', []))}")
+        batch, n, _ = x.shape
+        if batch == 0 or n == 0:
+            raise ValueError(f"x is empty (shape {list(x.shape)}): need at least one sample and one token")
+        if self.check_inputs and not bool(torch.isfinite(x).all()):
+            raise ValueError("x contains NaN or inf; check the inputs (or the previous layer) for overflow")
+        check_key_padding_mask(key_padding_mask, batch, n, causal=self.causal)
+        q, k, v = self.qkv(x).view(batch, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.estimator is not None and v_prev is not None:
+            m = elliptical_metric(
+                v,
+                v_prev,
+                causal=self.causal,
+                key_padding_mask=key_padding_mask,
+                estimator=self.estimator,
+                eps=self.eps,
+                detach=not self.metric_grad,
+                generator=self.generator,
+                random_low=self.random_low,
+            )
+            if self.store_metric:
+                self.last_metric = m.detach()
+            q = q * m
+        mask = self._attn_mask(key_padding_mask, n)
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=self.causal and mask is None,
+            scale=self.scale,
+        )
+        return self.proj(out.transpose(1, 2).reshape(batch, n, self.dim)), v
+
+
+class MultiheadAttention(_Attention):
+    """Batch-first multi-head self-attention that returns its values for the next layer.
+
+    The same class and code path as :class:`EllipticalAttention` with the metric off, and the same
+    parameter names (``qkv``, ``proj``), so ``state_dict``s swap between the two. Not a drop-in for
+    ``torch.nn.MultiheadAttention``: batch-first, keep-masks (True = keep), returns values, not weights.
+
+    ``forward(x [B,N,dim], key_padding_mask=None, v_prev=None) -> (out [B,N,dim], v [B,H,N,D])``;
+    ``v_prev`` is ignored.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, causal: bool = False, dropout: float = 0.0, bias: bool = True):
+        super().__init__(dim, num_heads, causal=causal, dropout=dropout, bias=bias, estimator=None)
+
+
+class EllipticalAttention(_Attention):
+    """Elliptical Attention: ``softmax(q diag(m) kᵀ · scale + mask) v`` with ``m`` from :func:`elliptical_metric`.
+
+    Zero extra parameters or buffers. Without ``v_prev`` (the first layer of a model) it is plain
+    attention for every estimator. ``scale=None`` is the standard ``1/√D`` for softmax and elliptical
+    layers alike; the reference LM code dropped it in elliptical layers only (pass ``scale=1.0`` to
+    reproduce that).
+
+    Args:
+        dim: model width; ``num_heads`` must divide it.
+        causal: causal self-attention; the metric is then a prefix mean per query position.
+        dropout: attention dropout (training only).
+        estimator: see :func:`elliptical_metric` (``mean``, ``median``, ``identity``, ``random``, ``isotropic``).
+        metric_grad: backpropagate through ``m`` (white-box attacks without gradient masking). The forward
+            output is bitwise the same either way. See :func:`set_metric_grad`.
+        eps: stabiliser of the metric.
+        store_metric: keep a detached copy of the last ``m`` in ``self.last_metric``.
+
+    ``forward(x [B,N,dim], key_padding_mask=None (bool [B,N], True = keep), v_prev=None [B,H,N,D])``
+    returns ``(out [B,N,dim], v [B,H,N,D])``. The attribute ``generator`` seeds the ``random`` estimator.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        causal: bool = False,
+        dropout: float = 0.0,
+        estimator: str = "mean",
+        metric_grad: bool = False,
+        eps: float = 1e-6,
+        bias: bool = True,
+        scale: float | None = None,
+        store_metric: bool = False,
+        random_low: float = 0.0,
+    ) -> None:
+        super().__init__(
+            dim,
+            num_heads,
+            causal=causal,
+            dropout=dropout,
+            bias=bias,
+            estimator=estimator,
+            metric_grad=metric_grad,
+            eps=eps,
+            scale=scale,
+            store_metric=store_metric,
+            random_low=random_low,
+        )
+
+
+def set_metric_grad(model: nn.Module, flag: bool) -> None:
+    """Switch gradient flow through ``m`` on or off in every :class:`EllipticalAttention` of ``model``."""
+    for module in model.modules():
+        if isinstance(module, EllipticalAttention):
+            module.metric_grad = flag
