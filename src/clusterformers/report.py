@@ -1,0 +1,124 @@
+"""Markdown tables, paired statistics and matplotlib figures for a run directory.
+
+Every experiment returns a :class:`Section`; :func:`write_report` joins them into ``report.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+# Two-sided 95% Student-t quantiles for 1..30 degrees of freedom (then the normal value).
+_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+@dataclass
+class Section:
+    """One experiment's part of the report: markdown text, figure paths (relative to the run dir), results."""
+
+    title: str
+    markdown: str
+    figures: list[str] = field(default_factory=list)
+    results: dict = field(default_factory=dict)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value); NaN for no values."""
+    vals = [float(v) for v in values]
+    if not vals:
+        return math.nan, math.nan
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def fmt(values: Sequence[float], digits: int = 2, scale: float = 1.0) -> str:
+    """``mean ± std`` of ``values × scale``."""
+    m, s = mean_std([v * scale for v in values])
+    if math.isnan(m):
+        return "–"
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def paired_diff(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
+    """Mean of the paired differences ``a − b`` and its two-sided 95% t confidence interval ``(mean, lo, hi)``.
+
+    With one pair the interval is unbounded (``±inf``).
+    """
+    if len(a) != len(b):
+        raise ValueError(f"paired_diff needs equal-length inputs, got {len(a)} and {len(b)}")
+    d = [float(x) - float(y) for x, y in zip(a, b)]
+    m, s = mean_std(d)
+    if len(d) < 2:
+        return m, -math.inf, math.inf
+    t = _T95[len(d) - 2] if len(d) - 1 <= len(_T95) else 1.96
+    half = t * s / math.sqrt(len(d))
+    return m, m - half, m + half
+
+
+def fmt_diff(a: Sequence[float], b: Sequence[float], digits: int = 2, scale: float = 1.0) -> str:
+    """``Δ [lo, hi]`` for the paired difference ``a − b`` (scaled)."""
+    m, lo, hi = paired_diff([x * scale for x in a], [y * scale for y in b])
+    return f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub-flavoured markdown table."""
+    lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def line_figure(
+    path: Path,
+    x: Sequence[float],
+    series: dict[str, list[Sequence[float]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    logx: bool = False,
+    logy: bool = False,
+) -> None:
+    """Mean ± std bands over seeds: ``series[name]`` is a list (one per seed) of y values aligned with ``x``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for name, per_seed in series.items():
+        cols = list(zip(*per_seed))
+        means = [mean_std(c)[0] for c in cols]
+        stds = [mean_std(c)[1] for c in cols]
+        ax.plot(x, means, marker="o", ms=3, label=name)
+        ax.fill_between(x, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)], alpha=0.2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(out_dir: Path, sections: Sequence[Section], *, header: str) -> Path:
+    """Write ``report.md`` (the sections in order) and ``results.json`` (their results) into ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    parts = [header]
+    for sec in sections:
+        parts.append(f"## {sec.title}\n\n{sec.markdown.strip()}\n")
+        parts += [f"![{Path(f).stem}]({f})\n" for f in sec.figures]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(parts))
+    (out_dir / "results.json").write_text(json.dumps({s.title: s.results for s in sections}, indent=1))
+    return path
