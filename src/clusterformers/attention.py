@@ -68,11 +68,16 @@ def _reduce_dtype(x: Tensor) -> torch.dtype:
 
 
 def _normalise(s: Tensor, eps: float) -> Tensor:
-    """``m = s / max_d s`` (1 where the max is ≤ eps), clamped to ``[eps, 1]``."""
+    """``m = s / max_d s`` (1 where the max is ≤ eps), clamped to ``[eps, 1]``. ``s`` is a temporary.
+
+    Works in place where autograd allows: the metric is O(BHND) memory traffic, and on CPU a fresh
+    ``[B, H, N, D]`` buffer (page faults) costs more than the arithmetic on it.
+    """
     z = s.amax(dim=-1, keepdim=True)
     flat = z <= eps
-    m = torch.where(flat, torch.ones_like(s), s / torch.where(flat, torch.ones_like(z), z))
-    return m.clamp_min(eps)
+    z = z.masked_fill(flat, 1.0)
+    m = s / z if s.requires_grad else s.div_(z)  # amax's backward needs the original s
+    return m.masked_fill_(flat, 1.0).clamp_min_(eps)
 
 
 def _median_over_tokens(a: Tensor, keep: Tensor | None) -> Tensor:
@@ -111,7 +116,7 @@ def elliptical_metric(
         causal: prefix mean per query position instead of the mean over the sequence.
         key_padding_mask: bool ``[B, N]``, **True = keep** (real token), False = padding (SDPA's
             convention, the opposite of ``torch.nn.MultiheadAttention``). Padded tokens are excluded with
-            ``torch.where``, so NaN or inf there cannot leak.
+            selection (``masked_fill``, not a multiply), so NaN or inf there cannot leak.
         estimator: ``mean`` (default), ``median`` (lower median over kept tokens; non-causal only),
             ``identity`` (``m ≡ 1``: standard attention), ``random`` (U[``random_low``, 1) per (b, h, d),
             fresh each call, same normalisation) or ``isotropic`` (the mean estimate averaged over d and
@@ -138,6 +143,11 @@ def elliptical_metric(
     if batch == 0 or n == 0:
         raise ValueError(f"v is empty (shape {list(v.shape)}): need at least one sample and one token")
     check_key_padding_mask(key_padding_mask, batch, n, causal=causal)
+    if v_prev is not None and (not isinstance(v_prev, Tensor) or v_prev.shape != v.shape):
+        raise ValueError(
+            f"v and v_prev must have equal shape (B, H, N, D); got v {list(v.shape)}, "
+            f"v_prev {list(getattr(v_prev, 'shape', []))}"
+        )
     rdtype = _reduce_dtype(v)
     if estimator == "identity":
         return torch.ones(batch, heads, 1, dim, device=v.device, dtype=v.dtype)
@@ -148,30 +158,29 @@ def elliptical_metric(
         return _normalise(random_low + (1.0 - random_low) * u, eps).to(v.dtype)
     if v_prev is None:
         raise ValueError(f"v_prev is required by estimator {estimator!r} (only identity/random accept None)")
-    if not isinstance(v_prev, Tensor) or v_prev.shape != v.shape:
-        raise ValueError(
-            f"v and v_prev must have equal shape (B, H, N, D); got v {list(v.shape)}, "
-            f"v_prev {list(getattr(v_prev, 'shape', []))}"
-        )
     if estimator == "median" and causal:
         raise NotImplementedError("the median estimator is not implemented for causal attention (prefix median)")
     if detach:
         v, v_prev = v.detach(), v_prev.detach()
-    a = (v.to(rdtype) - v_prev.to(rdtype)).abs()
+    a = (v.to(rdtype) - v_prev.to(rdtype)).abs_()  # a fresh buffer: later steps work in place
     keep = None if key_padding_mask is None else key_padding_mask[:, None, :, None]
     if keep is not None:
-        a = torch.where(keep, a, torch.zeros((), dtype=rdtype, device=a.device))
+        a = a.masked_fill_(~keep, 0.0)  # select, not multiply: NaN/inf at pads cannot leak
     if estimator == "median":
         s = _median_over_tokens(a, keep)
     elif causal:
-        count = torch.arange(1, n + 1, device=a.device, dtype=rdtype)[None, None, :, None]
-        if keep is not None:
+        if keep is None:
+            count = torch.arange(1, n + 1, device=a.device, dtype=rdtype)[None, None, :, None]
+        else:
             count = keep.to(rdtype).cumsum(dim=2).clamp_min(1.0)
-        s = a.cumsum(dim=2) / count
+        if a.is_cuda:  # CUDA scans an outer dim sequentially over N, the last dim in parallel
+            s = a.transpose(2, 3).cumsum(dim=3).transpose(2, 3).contiguous()
+        else:
+            s = a.cumsum_(dim=2)
+        s = s.div_(count)
     else:
-        count = torch.tensor(float(n), dtype=rdtype, device=a.device)
-        if keep is not None:
-            count = keep.to(rdtype).sum(dim=2, keepdim=True)
+        # a Python divisor: a tensor made from n on the GPU would cost a host-to-device copy and a sync
+        count = n if keep is None else keep.to(rdtype).sum(dim=2, keepdim=True)
         s = a.sum(dim=2, keepdim=True) / count
     m = _normalise(s, eps)
     if estimator == "isotropic":

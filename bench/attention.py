@@ -1,0 +1,189 @@
+"""Elliptical Attention overhead: forward + backward time against plain SDPA and a dense reference-style path.
+
+Three comparisons, float32, forward + backward, median of ``reps`` runs after warm-up (``bench/common.py``
+``time_fn``, one run at a time, the variants alternating so that load on a shared machine hits all):
+
+- ``core``: the elliptical core (metric from ``v, v_prev``, ``q ⊙ m``, SDPA) vs SDPA on the same ``q, k, v``.
+- ``module``: :class:`EllipticalAttention` with ``v_prev`` vs :class:`MultiheadAttention` (dim 512).
+- ``dense``: our core vs the reference code's way (``diag_embed`` ``[B,H,D,D]`` matmul for ``q M``, the
+  masked score matrix materialised, an unfused softmax, ``@ v``; like the reference it uses the
+  whole-segment mean, also when causal).
+
+Run ``python bench/attention.py [--quick] [--device cpu|cuda|auto] [--threads T] [--json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from clusterformers.attention import EllipticalAttention, MultiheadAttention, elliptical_metric
+
+
+def _load_common():  # bench/ is not a package; `clusterformers bench` imports these files by path
+    spec = importlib.util.spec_from_file_location("_bench_common", Path(__file__).with_name("common.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_common = _load_common()
+device_of, record, time_fn = _common.device_of, _common.record, _common.time_fn
+
+B, H, D = 8, 8, 64
+TARGET_OVERHEAD = 1.15  # elliptical / plain, at core and module level (paper: near-baseline time)
+TARGET_DENSE = 1.0  # ours / dense reference-style path: never slower
+
+
+def dense_reference(q: Tensor, k: Tensor, v: Tensor, v_prev: Tensor, causal: bool) -> Tensor:
+    """The reference implementation's arithmetic: dense ``M``, explicit scores, unfused softmax.
+
+    ``q, k, v, v_prev``: ``[B, H, N, D]`` → ``[B, H, N, D]``. ``m`` is the detached whole-segment mean.
+    """
+    n, dim = q.shape[-2:]
+    with torch.no_grad():
+        s = (v - v_prev).abs().mean(dim=2)  # [B, H, D]
+        m = s / s.amax(dim=-1, keepdim=True)
+    qm = q @ torch.diag_embed(m)  # [B, H, N, D] @ [B, H, D, D]
+    scores = qm @ k.transpose(-1, -2) / math.sqrt(dim)
+    if causal:
+        future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def elliptical_core(q: Tensor, k: Tensor, v: Tensor, v_prev: Tensor, causal: bool) -> Tensor:
+    """What :class:`EllipticalAttention` does between the projections."""
+    m = elliptical_metric(v, v_prev, causal=causal)
+    return F.scaled_dot_product_attention(q * m, k, v, is_causal=causal)
+
+
+def plain_core(q: Tensor, k: Tensor, v: Tensor, v_prev: Tensor, causal: bool) -> Tensor:
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def _row(name: str, ours: float, base: float, base_name: str, shape: str, target: float, extra: dict) -> dict:
+    met = ours / base <= target
+    return record(name, ours, base, base_name, shape, target=f"<={target}", met=met, **extra)
+
+
+def _interleaved(steps: dict[str, Callable[[], None]], warmup: int, reps: int, device: torch.device) -> dict:
+    """Median seconds per step; the steps alternate run by run so that drift on a shared machine hits all."""
+    for step in steps.values():
+        time_fn(step, warmup=warmup, reps=1, device=device)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, step in steps.items():
+            times[name].append(time_fn(step, warmup=0, reps=1, device=device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _fwd_bwd(fn: Callable[[], Tensor], inputs: list[Tensor], grad: Tensor) -> Callable[[], None]:
+    def step() -> None:
+        torch.autograd.grad(fn(), inputs, grad)
+
+    return step
+
+
+def _core_records(n: int, causal: bool, device: torch.device, warmup: int, reps: int, extra: dict) -> list:
+    g = torch.Generator(device=device).manual_seed(0)
+    q, k, v, v_prev = (torch.randn(B, H, n, D, device=device, generator=g) for _ in range(4))
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    grad = torch.randn(B, H, n, D, device=device, generator=g)
+    steps = {
+        name: _fwd_bwd(lambda f=f: f(q, k, v, v_prev, causal), [q, k, v], grad)
+        for name, f in (("sdpa", plain_core), ("elliptical", elliptical_core), ("reference", dense_reference))
+    }
+    times = _interleaved(steps, warmup, reps, device)
+    shape = f"B={B} H={H} N={n} D={D}"
+    tag = "causal" if causal else "noncausal"
+    ours = times["elliptical"]
+    return [
+        _row(f"core/{tag}", ours, times["sdpa"], "sdpa", shape, TARGET_OVERHEAD, extra),
+        _row(f"dense/{tag}", ours, times["reference"], "reference", shape, TARGET_DENSE, extra),
+    ]
+
+
+def _module_record(n: int, causal: bool, device: torch.device, warmup: int, reps: int, extra: dict) -> dict:
+    dim = H * D
+    plain = MultiheadAttention(dim, H, causal=causal).to(device)
+    ours = EllipticalAttention(dim, H, causal=causal).to(device)
+    ours.load_state_dict(plain.state_dict())
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(B, n, dim, device=device, generator=g, requires_grad=True)
+    v_prev = torch.randn(B, H, n, D, device=device, generator=g)
+    grad = torch.randn(B, n, dim, device=device, generator=g)
+
+    steps = {
+        name: _fwd_bwd(lambda layer=layer: layer(x, v_prev=v_prev)[0], [x, *layer.parameters()], grad)
+        for name, layer in (("plain", plain), ("ours", ours))
+    }
+    times = _interleaved(steps, warmup, reps, device)
+    t_plain, t_ours = times["plain"], times["ours"]
+    name, shape = f"module/{'causal' if causal else 'noncausal'}", f"B={B} N={n} dim={dim} H={H}"
+    return _row(name, t_ours, t_plain, "MultiheadAttention", shape, TARGET_OVERHEAD, extra)
+
+
+def run(quick: bool = False, device: str = "auto", threads: int | None = None) -> list[dict]:
+    """Forward + backward timings at ``B=8, H=8, D=64``, ``N ∈ {512, 2048}`` (quick: 512 only, fewer reps).
+
+    Returns records of ``bench/common.record`` with ``target`` (a bound on ``ratio``), ``met``, ``threads``,
+    ``device`` and ``reps``.
+    """
+    dev = device_of(device)
+    threads = threads or min(8, os.cpu_count() or 1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rows = []
+        for n in (512,) if quick else (512, 2048):
+            # CPU at N=2048 costs seconds per step: fewer repetitions there
+            warmup, reps = (2, 5) if quick or (dev.type == "cpu" and n > 512) else (5, 20)
+            extra = {"threads": threads, "device": str(dev), "dtype": "float32", "reps": reps}
+            for causal in (False, True):
+                rows += _core_records(n, causal, dev, warmup, reps, extra)
+                rows.append(_module_record(n, causal, dev, warmup, reps, extra))
+        return rows
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _table(rows: list[dict]) -> str:
+    head = (
+        f"{'name':<18}{'shape':<26}{'ours ms':>10}{'base ms':>10}{'ratio':>8}  "
+        f"{'baseline':<20}{'target':<8}met"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['name']:<18}{r['shape']:<26}{1e3 * r['ours_s']:>10.2f}{1e3 * r['baseline_s']:>10.2f}"
+            f"{r['ratio']:>8.3f}  {r['baseline']:<20}{r['target']:<8}{'yes' if r['met'] else 'NO'}"
+        )
+    if rows:
+        lines.append(f"device {rows[0]['device']}, threads {rows[0]['threads']}, float32, forward+backward")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="N=512 only, fewer repetitions")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default min(8, cores))")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    args = parser.parse_args()
+    rows = run(quick=args.quick, device=args.device, threads=args.threads)
+    print("\n".join(json.dumps(r) for r in rows) if args.json else _table(rows))
+
+
+if __name__ == "__main__":
+    main()
