@@ -14,12 +14,9 @@ Run directory (``out_dir``), written by rank 0 only:
   with the wider header (atomically); on resume rows after the checkpoint's step are dropped, so a step
   never appears twice.
 - TensorBoard events (tags ``train/<k>``, ``eval/<k>``) only when ``tensorboard`` is importable.
-- ``checkpoint.safetensors`` (model state + ``extra_params.<i>``), ``optimizer.safetensors`` (optimizer
-  tensors, keys ``state.<param index>.<name>``) and ``state.json`` (step, optimizer structure and scalars,
-  the RNG states of python/numpy/torch/cuda of every rank, the config). Each file is written to a temporary
-  name, fsynced and moved into place with ``os.replace``; all three carry one random ``checkpoint_id``,
-  so a checkpoint torn by a crash between the three renames is detected on load instead of being mixed.
-  Nothing is ever unpickled.
+- ``checkpoint.safetensors``, ``optimizer.safetensors`` and ``state.json``: model and ``extra_params``,
+  optimizer state, step, the RNG states of every rank and the config, written atomically and never
+  unpickled (format in :mod:`clusterformers.checkpoint`).
 
 Exact resume: the learning rate is a function of the step, batches are a function of the step, and the
 checkpoint restores parameters, optimizer state and every RNG bitwise, so a run interrupted at any step
@@ -34,11 +31,8 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
 import time
-import uuid
-from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,10 +41,30 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm import tqdm
+
+from clusterformers.checkpoint import (
+    MODEL_FILE,
+    STATE_FILE,
+    CheckpointError,
+    atomic_write,
+    load_checkpoint,
+    restore_checkpoint,
+    rng_capture,
+    rng_restore,
+    rng_to_json,
+    save_checkpoint,
+    write_checkpoint,
+    write_json,
+)
+from clusterformers.distributed import (
+    all_gather_json,
+    mean_over_ranks,
+    setup_distributed,
+    sync_extra_grads,
+    unwrap_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,24 +82,12 @@ __all__ = [
     "unwrap_model",
 ]
 
-MODEL_FILE = "checkpoint.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
-STATE_FILE = "state.json"
 METRICS_FILE = "metrics.csv"
 CONFIG_FILE = "config.json"
-EXTRA_PREFIX = "extra_params."
-FORMAT_VERSION = 1
-_META_STEP = "clusterformers.step"
-_META_ID = "clusterformers.checkpoint_id"
-_META_ALIASES = "clusterformers.aliases"
 _RESERVED = ("step", "lr", "loss", "grad_norm")
 # Config fields that may differ between a run and its resumption without a warning.
 _RUN_ONLY_FIELDS = ("progress", "stop_at", "max_time", "name", "device", "log_every", "eval_every",
                     "ckpt_every")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, corrupt or does not match the model; the message names file and key."""
 
 
 @dataclass
@@ -260,324 +262,6 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel/DataParallel wrapper (``model`` itself otherwise).
-
-    Under DDP, ``loss_fn`` receives the wrapped model (its forward syncs gradients); use this to reach
-    attributes of your own module.
-    """
-    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
-    return model.module if isinstance(model, wrappers) else model
-
-
-# --------------------------------------------------------------------------------------------- RNG states
-def _rng_capture() -> dict[str, Any]:
-    cuda_live = torch.cuda.is_available() and torch.cuda.is_initialized()  # never initialise CUDA for this
-    cuda = torch.cuda.get_rng_state_all() if cuda_live else None
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": cuda}
-
-
-def _rng_to_json(state: dict[str, Any]) -> dict[str, Any]:
-    version, internal, gauss = state["python"]
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    return {
-        "python": [version, list(internal), gauss],
-        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-        "torch": state["torch"].tolist(),
-        "cuda": None if state["cuda"] is None else [s.tolist() for s in state["cuda"]],
-    }
-
-
-def _rng_restore(entry: Any, path: Path, where: str) -> None:
-    """Restore RNG states from their JSON form; CheckpointError names ``path`` and the key on failure."""
-    for key in ("python", "numpy", "torch", "cuda"):
-        if not isinstance(entry, dict) or key not in entry:
-            raise CheckpointError(f"{path}: key '{where}.{key}' is missing")
-        try:
-            if key == "python":
-                version, internal, gauss = entry[key]
-                random.setstate((version, tuple(internal), gauss))
-            elif key == "numpy":
-                name, keys, pos, has_gauss, cached = entry[key]
-                np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
-            elif key == "torch":
-                torch.set_rng_state(torch.tensor(entry[key], dtype=torch.uint8))
-            elif entry[key] is not None and torch.cuda.is_available():
-                states = [torch.tensor(s, dtype=torch.uint8) for s in entry[key]]
-                if len(states) == torch.cuda.device_count():
-                    torch.cuda.set_rng_state_all(states)
-                else:
-                    logger.warning("%s: %d saved CUDA RNG states for %d devices; CUDA RNG not restored",
-                                   path, len(states), torch.cuda.device_count())
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise CheckpointError(f"{path}: key '{where}.{key}' is not a valid RNG state ({err})") from err
-
-
-def _all_gather_json(obj: Any, world: int, device: torch.device) -> list[Any]:
-    """all_gather of a JSON-able object as UTF-8 bytes in a tensor (no pickling, unlike all_gather_object)."""
-    comm = device if device.type == "cuda" else torch.device("cpu")
-    data = torch.frombuffer(bytearray(json.dumps(obj).encode()), dtype=torch.uint8).to(comm)
-    size = torch.tensor([data.numel()], dtype=torch.long, device=comm)
-    sizes = [torch.zeros_like(size) for _ in range(world)]
-    dist.all_gather(sizes, size)
-    padded = torch.zeros(int(max(sizes).item()), dtype=torch.uint8, device=comm)
-    padded[: data.numel()] = data
-    bufs = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(bufs, padded)
-    return [json.loads(bytes(buf[: int(n.item())].cpu().numpy()).decode())
-            for buf, n in zip(bufs, sizes, strict=True)]
-
-
-# --------------------------------------------------------------------------------------------- files
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)``, fsync, ``os.replace(tmp, path)``: ``path`` is either the old or the new file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    def default(o: Any) -> Any:
-        if dataclasses.is_dataclass(o) and not isinstance(o, type):
-            return dataclasses.asdict(o)
-        return str(o)
-
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, default=default)))
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
-    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
-        raise CheckpointError(f"{path}: key '<header>': not a readable safetensors file ({err})") from err
-
-
-def _read_state(path: Path) -> dict[str, Any]:
-    try:
-        state = json.loads(path.read_text())
-    except FileNotFoundError as err:
-        raise CheckpointError(f"{path}: file not found (a checkpoint needs {STATE_FILE})") from err
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: key '<document>': not valid JSON ({err})") from err
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: key '<document>': expected a JSON object, got {type(state).__name__}")
-    for key, kind in (("format_version", int), ("checkpoint_id", str), ("step", int), ("rng", list)):
-        if not isinstance(state.get(key), kind):
-            raise CheckpointError(f"{path}: key {key!r} is missing or not a {kind.__name__} "
-                                  f"(got {state.get(key)!r:.60})")
-    if not state["rng"]:
-        raise CheckpointError(f"{path}: key 'rng' is empty (expected one RNG state per rank)")
-    if state["format_version"] != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: key 'format_version' is {state['format_version']}, "
-                              f"expected {FORMAT_VERSION}")
-    return state
-
-
-# --------------------------------------------------------------------------------------------- checkpoints
-def _model_tensors(model: nn.Module, extra: list[Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """State to save, with tied weights deduplicated: ``(tensors, aliases)``.
-
-    Keys that view exactly the same memory (tied weights) are stored once; ``aliases`` maps each
-    dropped key to the stored one. Other tensors that share storage (partial views) are cloned, since
-    safetensors refuses shared storage.
-    """
-    tensors: dict[str, Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    for key, t in model.state_dict().items():
-        if not isinstance(t, Tensor):
-            raise TypeError(f"model.state_dict()[{key!r}] is a {type(t).__name__}; only tensors can be saved")
-        if key.startswith(EXTRA_PREFIX):
-            raise ValueError(f"model.state_dict() key {key!r} clashes with the reserved prefix "
-                             f"{EXTRA_PREFIX!r}")
-        t = t.detach()
-        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype)
-        if t.numel() and ident in seen:
-            aliases[key] = seen[ident]
-            continue
-        seen[ident] = key
-        tensors[key] = t
-    for i, p in enumerate(extra):
-        tensors[f"{EXTRA_PREFIX}{i}"] = p.detach()
-    by_storage: dict[int, list[str]] = defaultdict(list)
-    for key, t in tensors.items():
-        by_storage[t.untyped_storage().data_ptr()].append(key)
-    for keys in by_storage.values():
-        for key in keys[1:]:
-            tensors[key] = tensors[key].clone()
-    return {k: t.contiguous().cpu() for k, t in tensors.items()}, aliases
-
-
-def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Split ``optimizer.state_dict()`` into tensors (``state.<i>.<name>``) and a JSON-able structure."""
-    sd = optimizer.state_dict()
-    tensors: dict[str, Tensor] = {}
-    state: dict[str, Any] = {}
-    for idx, entry in sd["state"].items():
-        names, values = [], {}
-        for name, v in entry.items():
-            if isinstance(v, Tensor):
-                tensors[f"state.{idx}.{name}"] = v.detach().contiguous().cpu()
-                names.append(name)
-            else:
-                values[name] = v
-        state[str(idx)] = {"tensors": names, "values": values}
-    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in sd["param_groups"]]
-    return tensors, {"class": type(optimizer).__name__, "param_groups": groups, "state": state}
-
-
-def _write_checkpoint(out_dir: Path, model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None,
-                      extra: list[Tensor], rng: list[dict[str, Any]], config: dict[str, Any] | None) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_id = uuid.uuid4().hex
-    meta = {"format": "pt", _META_STEP: str(step), _META_ID: ckpt_id}
-    tensors, aliases = _model_tensors(model, extra)
-    meta[_META_ALIASES] = json.dumps(aliases)
-    state: dict[str, Any] = {"format_version": FORMAT_VERSION, "checkpoint_id": ckpt_id, "step": step,
-                             "world_size": len(rng), "config": config, "rng": rng, "optimizer": None}
-    _atomic_write(out_dir / MODEL_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
-    if optimizer is not None:
-        opt_tensors, state["optimizer"] = _optimizer_parts(optimizer)
-        _atomic_write(out_dir / OPTIMIZER_FILE, lambda tmp: save_file(opt_tensors, str(tmp), metadata=meta))
-    _write_json(out_dir / STATE_FILE, state)  # last: the commit point
-    logger.debug("saved checkpoint at step %d to %s", step, out_dir)
-    return out_dir / MODEL_FILE
-
-
-def save_checkpoint(out_dir: str | Path, model: nn.Module, *, step: int = 0,
-                    optimizer: torch.optim.Optimizer | None = None,
-                    extra_params: Iterable[Tensor] = ()) -> Path:
-    """Write ``checkpoint.safetensors`` (+ ``optimizer.safetensors``) and ``state.json`` into ``out_dir``.
-
-    Tied weights are stored once and re-tied on load; the current process's RNG states are recorded.
-    Pass the unwrapped model (see :func:`unwrap_model`). Returns the path of ``checkpoint.safetensors``.
-    """
-    return _write_checkpoint(Path(out_dir), unwrap_model(model), step, optimizer, list(extra_params),
-                             [_rng_to_json(_rng_capture())], None)
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, saved: Any, path: Path, state_path: Path) -> None:
-    if not isinstance(saved, dict) or not {"class", "param_groups", "state"} <= saved.keys():
-        raise CheckpointError(f"{state_path}: key 'optimizer' is missing or incomplete")
-    if saved["class"] != type(optimizer).__name__:
-        raise CheckpointError(f"{state_path}: key 'optimizer.class' is {saved['class']!r}, "
-                              f"expected {type(optimizer).__name__!r}")
-    current = optimizer.state_dict()
-    groups = saved["param_groups"]
-    if [g.get("params") for g in groups] != [g["params"] for g in current["param_groups"]]:
-        raise CheckpointError(f"{state_path}: key 'optimizer.param_groups' has parameter layout "
-                              f"{[len(g.get('params', [])) for g in groups]}, the optimizer has "
-                              f"{[len(g['params']) for g in current['param_groups']]}")
-    for old, new in zip(groups, current["param_groups"], strict=True):
-        changed = {k for k in new if k not in ("params", "lr") and k in old
-                   and old[k] != (list(new[k]) if isinstance(new[k], tuple) else new[k])}
-        if changed:
-            logger.warning("resuming with changed optimizer settings %s (the new values are used)",
-                           sorted(changed))
-    tensors, _ = _read_safetensors(path)
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    state: dict[int, dict[str, Any]] = {}
-    used: set[str] = set()
-    for idx_str, entry in saved["state"].items():
-        idx = int(idx_str)
-        if not 0 <= idx < len(params):
-            raise CheckpointError(f"{state_path}: key 'optimizer.state.{idx_str}' is not a parameter index")
-        st = dict(entry["values"])
-        for name in entry["tensors"]:
-            key = f"state.{idx}.{name}"
-            if key not in tensors:
-                raise CheckpointError(f"{path}: key {key!r} is missing")
-            t = tensors[key]
-            if t.dim() > 0 and t.shape != params[idx].shape:
-                raise CheckpointError(f"{path}: key {key!r} has shape {tuple(t.shape)}, the parameter has "
-                                      f"{tuple(params[idx].shape)}")
-            st[name] = t
-            used.add(key)
-        state[idx] = st
-    if unexpected := sorted(set(tensors) - used):
-        raise CheckpointError(f"{path}: key {unexpected[0]!r} is not referenced by {state_path.name}")
-    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
-
-
-def _load(model: nn.Module, path: str | Path, extra: list[Tensor], optimizer: torch.optim.Optimizer | None,
-          strict: bool) -> tuple[int, dict[str, Any] | None]:
-    """Load model (+ extra, + optimizer) state; returns ``(step, state.json or None)``."""
-    path = Path(path)
-    model_path = path / MODEL_FILE if path.is_dir() else path
-    state_path = model_path.parent / STATE_FILE
-    tensors, meta = _read_safetensors(model_path)
-    try:
-        aliases = json.loads(meta.get(_META_ALIASES, "{}"))
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{model_path}: key 'metadata.{_META_ALIASES}' is not valid JSON") from err
-    state = None
-    if optimizer is not None or state_path.is_file():
-        state = _read_state(state_path)
-        if _META_ID in meta and meta[_META_ID] != state["checkpoint_id"]:
-            raise CheckpointError(f"{model_path}: key 'metadata.{_META_ID}' is {meta[_META_ID]} but "
-                                  f"{state_path} has {state['checkpoint_id']}: the files come from different "
-                                  "saves (a save was interrupted between its renames)")
-    model = unwrap_model(model)
-    full: dict[str, Tensor] = {}
-    for key, ref in model.state_dict().items():
-        src = aliases.get(key, key)
-        if src not in tensors:
-            if strict:
-                raise CheckpointError(f"{model_path}: key {key!r} is missing (the model expects shape "
-                                      f"{tuple(ref.shape)})")
-            continue
-        if tensors[src].shape != ref.shape:
-            raise CheckpointError(f"{model_path}: key {key!r} has shape {tuple(tensors[src].shape)}, "
-                                  f"the model expects {tuple(ref.shape)}")
-        full[key] = tensors[src]
-    extra_keys = [f"{EXTRA_PREFIX}{i}" for i in range(len(extra))]
-    for key, p in zip(extra_keys, extra, strict=True):
-        if key not in tensors:
-            raise CheckpointError(f"{model_path}: key {key!r} is missing (extra_params has {len(extra)} "
-                                  "tensors)")
-        if tensors[key].shape != p.shape:
-            raise CheckpointError(f"{model_path}: key {key!r} has shape {tuple(tensors[key].shape)}, "
-                                  f"extra_params expects {tuple(p.shape)}")
-    if strict and (unexpected := sorted(set(tensors) - set(full) - set(extra_keys) - set(aliases.values()))):
-        raise CheckpointError(f"{model_path}: key {unexpected[0]!r} is not in the model "
-                              f"({len(unexpected)} unexpected keys)")
-    model.load_state_dict(full, strict=strict)  # copies in place: tied parameters stay tied
-    with torch.no_grad():
-        for key, p in zip(extra_keys, extra, strict=True):
-            p.copy_(tensors[key])
-    if optimizer is not None:
-        assert state is not None
-        _load_optimizer(optimizer, state.get("optimizer"), model_path.parent / OPTIMIZER_FILE, state_path)
-    try:
-        step = int(meta.get(_META_STEP, state["step"] if state else 0))
-    except ValueError as err:
-        raise CheckpointError(f"{model_path}: key 'metadata.{_META_STEP}' is not an int") from err
-    return step, state
-
-
-def load_checkpoint(model: nn.Module, path: str | Path, *, extra_params: Iterable[Tensor] = (),
-                    optimizer: torch.optim.Optimizer | None = None, strict: bool = True) -> int:
-    """Load a checkpoint written by :func:`save_checkpoint` / :func:`train` into ``model`` in place.
-
-    path: a run directory or a ``checkpoint.safetensors`` file. Tied weights are restored through the
-    aliases in the file's metadata and stay tied (values are copied into the existing parameters).
-    ``strict=False`` skips missing and unexpected model keys (shapes must still match). With
-    ``optimizer`` its state is loaded too; its hyper-parameters stay the current ones. Does not touch
-    RNG states. Returns the checkpoint's step. Raises CheckpointError naming the file and key.
-    """
-    return _load(model, path, list(extra_params), optimizer, strict)[0]
-
-
 # --------------------------------------------------------------------------------------------- logging
 class _MetricsLog:
     """``metrics.csv`` writer: appends rows, rewrites the file (atomically) when a column appears."""
@@ -619,7 +303,7 @@ class _MetricsLog:
                 writer.writeheader()
                 writer.writerows(self.rows)
 
-        _atomic_write(self.path, write)
+        atomic_write(self.path, write)
 
 
 def _parse_row(row: dict[str, str]) -> dict[str, float]:
@@ -649,55 +333,12 @@ class _Running:
         self.count += 1
 
     def pop(self, world: int, device: torch.device) -> dict[str, float]:
-        out = _mean_over_ranks({k: v / self.count for k, v in self.sums.items()}, world, device)
+        out = mean_over_ranks({k: v / self.count for k, v in self.sums.items()}, world, device)
         self.sums, self.count = {}, 0
         return out
 
 
-def _mean_over_ranks(values: dict[str, Any], world: int, device: torch.device) -> dict[str, float]:
-    """Floats of ``values`` averaged over ranks (one all_reduce; every rank must give the same keys)."""
-    if not values:
-        return {}
-    keys = list(values)
-    dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-    packed = torch.stack([torch.as_tensor(values[k], dtype=dtype, device=device).reshape(()) for k in keys])
-    if world > 1:
-        dist.all_reduce(packed)
-        packed /= world
-    return dict(zip(keys, packed.tolist(), strict=True))
-
-
 # --------------------------------------------------------------------------------------------- training
-_GROUPS_CREATED = 0  # process groups this process has created; a store prefix per group
-
-
-def _setup_distributed(device_arg: str) -> tuple[int, int, torch.device, bool]:
-    """``(rank, world, device, created_group)``; inits the process group under torchrun if needed.
-
-    A group is created on an ``env://`` store wrapped in a fresh ``PrefixStore`` per creation: re-using
-    the same keys after ``destroy_process_group`` hangs (pytorch/pytorch#55967, #114585), and an
-    experiment under torchrun may call :func:`train` several times. Every rank makes the same calls, so
-    the prefixes agree.
-    """
-    global _GROUPS_CREATED
-    env_world = int(os.environ.get("WORLD_SIZE", "1"))
-    if not dist.is_available() or (env_world <= 1 and not dist.is_initialized()):
-        return 0, 1, resolve_device(device_arg), False
-    device = resolve_device(device_arg)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    created = not dist.is_initialized()
-    if created:
-        store, rank, world = next(dist.rendezvous("env://"))
-        _GROUPS_CREATED += 1
-        store = dist.PrefixStore(f"clusterformers/{_GROUPS_CREATED}", store)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", rank=rank,
-                                world_size=world, store=store)
-    return dist.get_rank(), dist.get_world_size(), device, created
-
-
 def _optimizer(model: nn.Module, extra: list[Tensor], cfg: TrainConfig) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
@@ -743,19 +384,7 @@ def _run_eval(eval_fn: Callable[[nn.Module], dict[str, float]], model: nn.Module
         model.train()
     if not isinstance(metrics, Mapping):
         raise TypeError(f"eval_fn must return a dict of floats, got {type(metrics).__name__}")
-    return _mean_over_ranks(dict(metrics), world, device)
-
-
-def _sync_extra_grads(extra: list[Tensor], world: int) -> None:
-    """Average the gradients of parameters outside the DDP module over ranks (as DDP does for its own)."""
-    flags = torch.tensor([p.grad is not None for p in extra], dtype=torch.float32, device=extra[0].device)
-    dist.all_reduce(flags)
-    for p, flag in zip(extra, flags.tolist(), strict=True):
-        if flag:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad /= world
+    return mean_over_ranks(dict(metrics), world, device)
 
 
 def _call_loss(loss_fn: Callable, net: nn.Module, batch: Any) -> tuple[Tensor, dict[str, Any]]:
@@ -808,7 +437,7 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[Tensor, di
     if resume and out_dir is None:
         raise ValueError("resume=True needs out_dir (the run directory holding the checkpoint)")
     t0 = time.perf_counter()
-    rank, world, device, created = _setup_distributed(cfg.device)
+    rank, world, device, created = setup_distributed(resolve_device(cfg.device))
     result = _train(model, loss_fn, batch_fn, cfg, None if out_dir is None else Path(out_dir), eval_fn,
                     resume, extra_params, extra_config, rank, world, device, t0)
     if created:  # not after an exception: other ranks may be inside a collective (torchtitan#1342)
@@ -827,17 +456,17 @@ def _train(model: nn.Module, loss_fn: Callable, batch_fn: Callable, cfg: TrainCo
     config = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as stored, for comparisons on resume
     if writing:
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / CONFIG_FILE, {"train": config, "extra": extra_config})
+        write_json(out / CONFIG_FILE, {"train": config, "extra": extra_config})
     start = 0
     resumed = resume and ((out / STATE_FILE).exists() or (out / MODEL_FILE).exists())
     if resumed:
-        start, state = _load(model, out, extra, optimizer, strict=True)
+        start, state = restore_checkpoint(model, out, extra, optimizer, strict=True)
         assert state is not None
         if len(state["rng"]) != world:
             logger.warning("checkpoint has RNG states of %d ranks, the run has %d: resume is not exact",
                            len(state["rng"]), world)
         idx = rank % len(state["rng"])
-        _rng_restore(state["rng"][idx], out / STATE_FILE, f"rng[{idx}]")
+        rng_restore(state["rng"][idx], out / STATE_FILE, f"rng[{idx}]")
         old = state.get("config") or {}
         changed = sorted(k for k in config if k not in _RUN_ONLY_FIELDS and k in old and old[k] != config[k])
         if changed:
@@ -872,12 +501,12 @@ def _train(model: nn.Module, loss_fn: Callable, batch_fn: Callable, cfg: TrainCo
     net.train()
     try:
         while step < end:
-            pending_rng = _rng_capture()  # the state to save if interrupted before this step completes
+            pending_rng = rng_capture()  # the state to save if interrupted before this step completes
             batch = move_to_device(batch_fn(step, rank, world), device)
             loss, metrics = _call_loss(loss_fn, net, batch)
             loss.backward()
             if world > 1 and extra:
-                _sync_extra_grads(extra, world)
+                sync_extra_grads(extra, world)
             if cfg.grad_clip > 0:
                 metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             lr = lr_at(step, cfg)
@@ -906,18 +535,18 @@ def _train(model: nn.Module, loss_fn: Callable, batch_fn: Callable, cfg: TrainCo
                     log.append(row)
                 _tensorboard_row(tb, row)
             if out is not None and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or stopping):
-                rng = _rng_to_json(_rng_capture())
-                rngs = _all_gather_json(rng, world, device) if world > 1 else [rng]
+                rng = rng_to_json(rng_capture())
+                rngs = all_gather_json(rng, world, device) if world > 1 else [rng]
                 if writing:
-                    _write_checkpoint(out, model, step, optimizer, extra, rngs, config)
+                    write_checkpoint(out, model, step, optimizer, extra, rngs, config)
             if stopping:
                 break
         if start >= end and eval_fn is not None:
             eval_metrics = _run_eval(eval_fn, model, device, world)
     except KeyboardInterrupt:
         if writing:
-            rng = _rng_to_json(pending_rng if pending_rng is not None else _rng_capture())
-            _write_checkpoint(out, model, step, optimizer, extra, [rng], config)
+            rng = rng_to_json(pending_rng if pending_rng is not None else rng_capture())
+            write_checkpoint(out, model, step, optimizer, extra, [rng], config)
             logger.warning("interrupted: saved a checkpoint at step %d in %s", step, out)
         raise
     finally:

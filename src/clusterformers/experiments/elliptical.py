@@ -311,6 +311,11 @@ def lm_target_nll(model: torch.nn.Module, tokens: Tensor, context: int, device: 
     """
     model.eval()
     n = (tokens.numel() - 1) // context
+    if n == 0:
+        raise ValueError(
+            f"an evaluation split has {tokens.numel()} tokens, fewer than context + 1 = {context + 1}; "
+            "use a larger corpus (or max_chars)"
+        )
     x = tokens[: n * context].view(n, context)
     y = tokens[1 : n * context + 1].view(n, context)
     out = [

@@ -70,7 +70,7 @@ def train_vit(args: argparse.Namespace) -> dict:
                        eval_every=spe, ckpt_every=spe, seed=args.seed, device=args.device,
                        progress=not args.no_progress)
     res = train(model, loss_fn, batch_fn, tcfg, out_dir=_run_dir(args), eval_fn=eval_fn, resume=args.resume)
-    return {"run_dir": str(_run_dir(args)), "steps": res.step, **(res.eval_metrics or {})}
+    return {"run_dir": str(_run_dir(args)), "steps": res.step, **res.eval}
 
 
 def train_lm(args: argparse.Namespace) -> dict:
@@ -107,4 +107,4 @@ def train_lm(args: argparse.Namespace) -> dict:
                        eval_every=every, ckpt_every=every, seed=args.seed, device=args.device,
                        progress=not args.no_progress)
     res = train(model, loss_fn, batch_fn, tcfg, out_dir=_run_dir(args), eval_fn=eval_fn, resume=args.resume)
-    return {"run_dir": str(_run_dir(args)), "steps": res.step, **(res.eval_metrics or {})}
+    return {"run_dir": str(_run_dir(args)), "steps": res.step, **res.eval}

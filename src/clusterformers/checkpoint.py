@@ -1,0 +1,369 @@
+"""Checkpoints of a training run in safetensors and JSON; nothing is ever unpickled.
+
+A checkpoint is three files in a run directory:
+
+- ``checkpoint.safetensors``: model state + ``extra_params.<i>``. Tied weights are stored once and re-tied
+  on load through the aliases in the file's metadata.
+- ``optimizer.safetensors``: optimizer tensors, keys ``state.<param index>.<name>``.
+- ``state.json``: step, optimizer structure and scalars, the RNG states of python/numpy/torch/cuda of every
+  rank, the config.
+
+Each file is written to a temporary name, fsynced and moved into place with ``os.replace``; all three
+carry one random ``checkpoint_id``, so a checkpoint torn by a crash between the three renames is detected
+on load instead of being mixed. A missing, corrupt or mismatched file raises :class:`CheckpointError`
+naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import random
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from clusterformers.distributed import unwrap_model
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "MODEL_FILE",
+    "OPTIMIZER_FILE",
+    "STATE_FILE",
+    "CheckpointError",
+    "atomic_write",
+    "load_checkpoint",
+    "restore_checkpoint",
+    "rng_capture",
+    "rng_restore",
+    "rng_to_json",
+    "save_checkpoint",
+    "write_checkpoint",
+    "write_json",
+]
+
+MODEL_FILE = "checkpoint.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+EXTRA_PREFIX = "extra_params."
+FORMAT_VERSION = 1
+_META_STEP = "clusterformers.step"
+_META_ID = "clusterformers.checkpoint_id"
+_META_ALIASES = "clusterformers.aliases"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt or does not match the model; the message names file and key."""
+
+
+# --------------------------------------------------------------------------------------------- RNG states
+def rng_capture() -> dict[str, Any]:
+    """The RNG states of python, numpy, torch and (if already initialised) every CUDA device."""
+    cuda_live = torch.cuda.is_available() and torch.cuda.is_initialized()  # never initialise CUDA for this
+    cuda = torch.cuda.get_rng_state_all() if cuda_live else None
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": cuda}
+
+
+def rng_to_json(state: dict[str, Any]) -> dict[str, Any]:
+    """JSON form (lists and numbers) of a :func:`rng_capture` result; :func:`rng_restore` reads it back."""
+    version, internal, gauss = state["python"]
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": state["torch"].tolist(),
+        "cuda": None if state["cuda"] is None else [s.tolist() for s in state["cuda"]],
+    }
+
+
+def rng_restore(entry: Any, path: Path, where: str) -> None:
+    """Restore RNG states from their JSON form; CheckpointError names ``path`` and the key on failure."""
+    for key in ("python", "numpy", "torch", "cuda"):
+        if not isinstance(entry, dict) or key not in entry:
+            raise CheckpointError(f"{path}: key '{where}.{key}' is missing")
+        try:
+            if key == "python":
+                version, internal, gauss = entry[key]
+                random.setstate((version, tuple(internal), gauss))
+            elif key == "numpy":
+                name, keys, pos, has_gauss, cached = entry[key]
+                np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+            elif key == "torch":
+                torch.set_rng_state(torch.tensor(entry[key], dtype=torch.uint8))
+            elif entry[key] is not None and torch.cuda.is_available():
+                states = [torch.tensor(s, dtype=torch.uint8) for s in entry[key]]
+                if len(states) == torch.cuda.device_count():
+                    torch.cuda.set_rng_state_all(states)
+                else:
+                    logger.warning("%s: %d saved CUDA RNG states for %d devices; CUDA RNG not restored",
+                                   path, len(states), torch.cuda.device_count())
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{path}: key '{where}.{key}' is not a valid RNG state ({err})") from err
+
+
+# --------------------------------------------------------------------------------------------- files
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)``, fsync, ``os.replace(tmp, path)``: ``path`` is either the old or the new file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON; dataclasses become dicts, anything else unknown a string."""
+    def default(o: Any) -> Any:
+        if dataclasses.is_dataclass(o) and not isinstance(o, type):
+            return dataclasses.asdict(o)
+        return str(o)
+
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=1, default=default)))
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise CheckpointError(f"{path}: key '<header>': not a readable safetensors file ({err})") from err
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise CheckpointError(f"{path}: file not found (a checkpoint needs {STATE_FILE})") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: key '<document>': not valid JSON ({err})") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: key '<document>': expected a JSON object, got {type(state).__name__}")
+    for key, kind in (("format_version", int), ("checkpoint_id", str), ("step", int), ("rng", list)):
+        if not isinstance(state.get(key), kind):
+            raise CheckpointError(f"{path}: key {key!r} is missing or not a {kind.__name__} "
+                                  f"(got {state.get(key)!r:.60})")
+    if not state["rng"]:
+        raise CheckpointError(f"{path}: key 'rng' is empty (expected one RNG state per rank)")
+    if state["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: key 'format_version' is {state['format_version']}, "
+                              f"expected {FORMAT_VERSION}")
+    return state
+
+
+# --------------------------------------------------------------------------------------------- checkpoints
+def _model_tensors(model: nn.Module, extra: list[Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """State to save, with tied weights deduplicated: ``(tensors, aliases)``.
+
+    Keys that view exactly the same memory (tied weights) are stored once; ``aliases`` maps each
+    dropped key to the stored one. Other tensors that share storage (partial views) are cloned, since
+    safetensors refuses shared storage.
+    """
+    tensors: dict[str, Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for key, t in model.state_dict().items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"model.state_dict()[{key!r}] is a {type(t).__name__}; only tensors can be saved")
+        if key.startswith(EXTRA_PREFIX):
+            raise ValueError(f"model.state_dict() key {key!r} clashes with the reserved prefix "
+                             f"{EXTRA_PREFIX!r}")
+        t = t.detach()
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype)
+        if t.numel() and ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        seen[ident] = key
+        tensors[key] = t
+    for i, p in enumerate(extra):
+        tensors[f"{EXTRA_PREFIX}{i}"] = p.detach()
+    by_storage: dict[int, list[str]] = defaultdict(list)
+    for key, t in tensors.items():
+        by_storage[t.untyped_storage().data_ptr()].append(key)
+    for keys in by_storage.values():
+        for key in keys[1:]:
+            tensors[key] = tensors[key].clone()
+    return {k: t.contiguous().cpu() for k, t in tensors.items()}, aliases
+
+
+def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Split ``optimizer.state_dict()`` into tensors (``state.<i>.<name>``) and a JSON-able structure."""
+    sd = optimizer.state_dict()
+    tensors: dict[str, Tensor] = {}
+    state: dict[str, Any] = {}
+    for idx, entry in sd["state"].items():
+        names, values = [], {}
+        for name, v in entry.items():
+            if isinstance(v, Tensor):
+                tensors[f"state.{idx}.{name}"] = v.detach().contiguous().cpu()
+                names.append(name)
+            else:
+                values[name] = v
+        state[str(idx)] = {"tensors": names, "values": values}
+    groups = [{k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in sd["param_groups"]]
+    return tensors, {"class": type(optimizer).__name__, "param_groups": groups, "state": state}
+
+
+def write_checkpoint(out_dir: Path, model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None,
+                     extra: list[Tensor], rng: list[dict[str, Any]], config: dict[str, Any] | None) -> Path:
+    """Write the three checkpoint files into ``out_dir`` (``state.json`` last); returns the model file's path.
+
+    rng: the JSON RNG states (:func:`rng_to_json`) of every rank. config: stored as ``state.json["config"]``.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_id = uuid.uuid4().hex
+    meta = {"format": "pt", _META_STEP: str(step), _META_ID: ckpt_id}
+    tensors, aliases = _model_tensors(model, extra)
+    meta[_META_ALIASES] = json.dumps(aliases)
+    state: dict[str, Any] = {"format_version": FORMAT_VERSION, "checkpoint_id": ckpt_id, "step": step,
+                             "world_size": len(rng), "config": config, "rng": rng, "optimizer": None}
+    atomic_write(out_dir / MODEL_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    if optimizer is not None:
+        opt_tensors, state["optimizer"] = _optimizer_parts(optimizer)
+        atomic_write(out_dir / OPTIMIZER_FILE, lambda tmp: save_file(opt_tensors, str(tmp), metadata=meta))
+    write_json(out_dir / STATE_FILE, state)  # last: the commit point
+    logger.debug("saved checkpoint at step %d to %s", step, out_dir)
+    return out_dir / MODEL_FILE
+
+
+def save_checkpoint(out_dir: str | Path, model: nn.Module, *, step: int = 0,
+                    optimizer: torch.optim.Optimizer | None = None,
+                    extra_params: Iterable[Tensor] = ()) -> Path:
+    """Write ``checkpoint.safetensors`` (+ ``optimizer.safetensors``) and ``state.json`` into ``out_dir``.
+
+    Tied weights are stored once and re-tied on load; the current process's RNG states are recorded.
+    Pass the unwrapped model (see :func:`unwrap_model`). Returns the path of ``checkpoint.safetensors``.
+    """
+    return write_checkpoint(Path(out_dir), unwrap_model(model), step, optimizer, list(extra_params),
+                            [rng_to_json(rng_capture())], None)
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, saved: Any, path: Path, state_path: Path) -> None:
+    if not isinstance(saved, dict) or not {"class", "param_groups", "state"} <= saved.keys():
+        raise CheckpointError(f"{state_path}: key 'optimizer' is missing or incomplete")
+    if saved["class"] != type(optimizer).__name__:
+        raise CheckpointError(f"{state_path}: key 'optimizer.class' is {saved['class']!r}, "
+                              f"expected {type(optimizer).__name__!r}")
+    current = optimizer.state_dict()
+    groups = saved["param_groups"]
+    if [g.get("params") for g in groups] != [g["params"] for g in current["param_groups"]]:
+        raise CheckpointError(f"{state_path}: key 'optimizer.param_groups' has parameter layout "
+                              f"{[len(g.get('params', [])) for g in groups]}, the optimizer has "
+                              f"{[len(g['params']) for g in current['param_groups']]}")
+    for old, new in zip(groups, current["param_groups"], strict=True):
+        changed = {k for k in new if k not in ("params", "lr") and k in old
+                   and old[k] != (list(new[k]) if isinstance(new[k], tuple) else new[k])}
+        if changed:
+            logger.warning("resuming with changed optimizer settings %s (the new values are used)",
+                           sorted(changed))
+    tensors, _ = _read_safetensors(path)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state: dict[int, dict[str, Any]] = {}
+    used: set[str] = set()
+    for idx_str, entry in saved["state"].items():
+        idx = int(idx_str)
+        if not 0 <= idx < len(params):
+            raise CheckpointError(f"{state_path}: key 'optimizer.state.{idx_str}' is not a parameter index")
+        st = dict(entry["values"])
+        for name in entry["tensors"]:
+            key = f"state.{idx}.{name}"
+            if key not in tensors:
+                raise CheckpointError(f"{path}: key {key!r} is missing")
+            t = tensors[key]
+            if t.dim() > 0 and t.shape != params[idx].shape:
+                raise CheckpointError(f"{path}: key {key!r} has shape {tuple(t.shape)}, the parameter has "
+                                      f"{tuple(params[idx].shape)}")
+            st[name] = t
+            used.add(key)
+        state[idx] = st
+    if unexpected := sorted(set(tensors) - used):
+        raise CheckpointError(f"{path}: key {unexpected[0]!r} is not referenced by {state_path.name}")
+    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+
+
+def restore_checkpoint(model: nn.Module, path: str | Path, extra: list[Tensor],
+                       optimizer: torch.optim.Optimizer | None,
+                       strict: bool) -> tuple[int, dict[str, Any] | None]:
+    """Load model (+ extra, + optimizer) state; returns ``(step, state.json or None)``."""
+    path = Path(path)
+    model_path = path / MODEL_FILE if path.is_dir() else path
+    state_path = model_path.parent / STATE_FILE
+    tensors, meta = _read_safetensors(model_path)
+    try:
+        aliases = json.loads(meta.get(_META_ALIASES, "{}"))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{model_path}: key 'metadata.{_META_ALIASES}' is not valid JSON") from err
+    state = None
+    if optimizer is not None or state_path.is_file():
+        state = _read_state(state_path)
+        if _META_ID in meta and meta[_META_ID] != state["checkpoint_id"]:
+            raise CheckpointError(f"{model_path}: key 'metadata.{_META_ID}' is {meta[_META_ID]} but "
+                                  f"{state_path} has {state['checkpoint_id']}: the files come from different "
+                                  "saves (a save was interrupted between its renames)")
+    model = unwrap_model(model)
+    full: dict[str, Tensor] = {}
+    for key, ref in model.state_dict().items():
+        src = aliases.get(key, key)
+        if src not in tensors:
+            if strict:
+                raise CheckpointError(f"{model_path}: key {key!r} is missing (the model expects shape "
+                                      f"{tuple(ref.shape)})")
+            continue
+        if tensors[src].shape != ref.shape:
+            raise CheckpointError(f"{model_path}: key {key!r} has shape {tuple(tensors[src].shape)}, "
+                                  f"the model expects {tuple(ref.shape)}")
+        full[key] = tensors[src]
+    extra_keys = [f"{EXTRA_PREFIX}{i}" for i in range(len(extra))]
+    for key, p in zip(extra_keys, extra, strict=True):
+        if key not in tensors:
+            raise CheckpointError(f"{model_path}: key {key!r} is missing (extra_params has {len(extra)} "
+                                  "tensors)")
+        if tensors[key].shape != p.shape:
+            raise CheckpointError(f"{model_path}: key {key!r} has shape {tuple(tensors[key].shape)}, "
+                                  f"extra_params expects {tuple(p.shape)}")
+    if strict and (unexpected := sorted(set(tensors) - set(full) - set(extra_keys) - set(aliases.values()))):
+        raise CheckpointError(f"{model_path}: key {unexpected[0]!r} is not in the model "
+                              f"({len(unexpected)} unexpected keys)")
+    model.load_state_dict(full, strict=strict)  # copies in place: tied parameters stay tied
+    with torch.no_grad():
+        for key, p in zip(extra_keys, extra, strict=True):
+            p.copy_(tensors[key])
+    if optimizer is not None:
+        assert state is not None
+        _load_optimizer(optimizer, state.get("optimizer"), model_path.parent / OPTIMIZER_FILE, state_path)
+    try:
+        step = int(meta.get(_META_STEP, state["step"] if state else 0))
+    except ValueError as err:
+        raise CheckpointError(f"{model_path}: key 'metadata.{_META_STEP}' is not an int") from err
+    return step, state
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, *, extra_params: Iterable[Tensor] = (),
+                    optimizer: torch.optim.Optimizer | None = None, strict: bool = True) -> int:
+    """Load a checkpoint written by :func:`save_checkpoint` or :func:`clusterformers.train.train` into
+    ``model`` in place.
+
+    path: a run directory or a ``checkpoint.safetensors`` file. Tied weights are restored through the
+    aliases in the file's metadata and stay tied (values are copied into the existing parameters).
+    ``strict=False`` skips missing and unexpected model keys (shapes must still match). With
+    ``optimizer`` its state is loaded too; its hyper-parameters stay the current ones. Does not touch
+    RNG states. Returns the checkpoint's step. Raises CheckpointError naming the file and key.
+    """
+    return restore_checkpoint(model, path, list(extra_params), optimizer, strict)[0]
