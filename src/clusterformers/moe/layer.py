@@ -1,0 +1,318 @@
+"""The MoE layer: a router, stacked experts, dropless or capacity dispatch, and a routing chain.
+
+``MoE`` is a drop-in for a dense FFN: ``x[..., d] -> y[..., d]``. The routing state the next AC
+layer needs is passed explicitly (``prev=``) or through a shared ``RoutingChain``, so a model's
+blocks keep their call signature.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .adaptive import ACConfig, ACStats
+from .losses import load_balancing_loss, router_z_loss
+from .routers import Router, RoutingState, build_router, check_finite, flatten_tokens
+
+__all__ = ["Experts", "LastForward", "MoE", "RoutingChain", "expert_capacity"]
+
+
+class RoutingChain:
+    """Carries routing states between the MoE layers of one model (spec §4, D8).
+
+    Every layer built with ``chain=`` registers a position at construction (so layers must be
+    constructed in execution order). In forward, a layer reads the state of the nearest *earlier*
+    position written since the last ``reset()`` and writes its own. Dense layers do not register,
+    so a state is carried across them; activation-checkpoint recomputation of a layer reads the
+    same earlier state again. A model calls ``chain.reset()`` at the start of its forward; a model
+    whose token count changes between stages (Swin) uses one chain per stage.
+    """
+
+    def __init__(self) -> None:
+        self._states: dict[int, RoutingState] = {}
+        self._size = 0
+
+    def register(self) -> int:
+        """Reserve the next position (call once per MoE layer, in execution order)."""
+        self._size += 1
+        return self._size - 1
+
+    def reset(self) -> None:
+        """Forget all states (call at the start of each model forward)."""
+        self._states.clear()
+
+    def read(self, position: int) -> RoutingState | None:
+        """The state of the nearest written position before ``position``, or None."""
+        for p in range(position - 1, -1, -1):
+            if p in self._states:
+                return self._states[p]
+        return None
+
+    def write(self, position: int, state: RoutingState) -> None:
+        if not 0 <= position < self._size:
+            raise ValueError(f"position: expected a registered position in [0, {self._size}), got {position}")
+        self._states[position] = state
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __repr__(self) -> str:
+        return f"RoutingChain(layers={self._size}, written={sorted(self._states)})"
+
+
+class LastForward:
+    """What an MoE layer keeps from its last forward: ``aux_loss``, ``router_logits``, ``state``, ``stats``.
+
+    Copies and pickles of a layer start with an empty record: ``aux_loss`` may carry an autograd graph,
+    which ``copy.deepcopy`` refuses (so an EMA copy of a model would fail otherwise).
+    """
+
+    __slots__ = ("aux_loss", "router_logits", "state", "stats")
+
+    def __init__(self) -> None:
+        self.aux_loss: Tensor | None = None
+        self.router_logits: Tensor | None = None
+        self.state: RoutingState | None = None
+        self.stats: ACStats | None = None
+
+    def __deepcopy__(self, memo: dict) -> LastForward:
+        return LastForward()
+
+    def __reduce__(self) -> tuple:
+        return (LastForward, ())
+
+
+class KeepsLastForward:
+    """Mixin for layers with a ``LastForward`` record in ``self.last_forward``."""
+
+    last_forward: LastForward
+
+    @property
+    def aux_loss(self) -> Tensor | None:
+        """The auxiliary loss of the last forward (a zero scalar when its coefficients are 0)."""
+        return self.last_forward.aux_loss
+
+    @property
+    def last_router_logits(self) -> Tensor | None:
+        """``[T, E]`` router logits of the last forward (``[T, E*p]`` for SoftMoE)."""
+        return self.last_forward.router_logits
+
+    @property
+    def last_state(self) -> RoutingState | None:
+        """The ``RoutingState`` this layer handed on in its last forward."""
+        return self.last_forward.state
+
+    @property
+    def last_stats(self) -> ACStats | None:
+        """The ``ACStats`` of the last forward, or None when it routed without AC."""
+        return self.last_forward.stats
+
+
+def expert_capacity(capacity_factor: float, k: int, num_tokens: int, num_experts: int) -> int:
+    """Slots per expert, ``C = ceil(cf * k * T / E)`` (at least 1)."""
+    return max(1, math.ceil(capacity_factor * k * num_tokens / num_experts))
+
+
+class Experts(nn.Module):
+    """E two-layer MLPs as stacked weights, without biases (as Mixtral and megablocks).
+
+    ``w_in[E, d, h]`` (``[E, d, 2h]`` if gated: gate then up) and ``w_out[E, h, d]``. Ungated experts
+    use GELU, gated ones SwiGLU (``silu(x W_gate) * (x W_up)``).
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, gated: bool = False) -> None:
+        super().__init__()
+        self.num_experts, self.dim, self.hidden, self.gated = num_experts, dim, hidden, gated
+        width = 2 * hidden if gated else hidden
+        self.w_in = nn.Parameter(torch.empty(num_experts, dim, width))
+        self.w_out = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default init, per expert."""
+        nn.init.uniform_(self.w_in, -1 / math.sqrt(self.dim), 1 / math.sqrt(self.dim))
+        nn.init.uniform_(self.w_out, -1 / math.sqrt(self.hidden), 1 / math.sqrt(self.hidden))
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, gated={self.gated}"
+
+    def _act(self, a: Tensor) -> Tensor:
+        if self.gated:
+            gate, up = a.chunk(2, dim=-1)
+            return F.silu(gate) * up
+        return F.gelu(a)
+
+    def grouped(self, x: Tensor, sizes: list[int]) -> Tensor:
+        """``x[N, d]`` sorted by expert with ``sizes[e]`` rows for expert e -> ``[N, d]``."""
+        w_in, w_out = self.w_in.unbind(0), self.w_out.unbind(0)  # unbind: one stacked grad
+        outs = [self._act(xe @ w_in[e]) @ w_out[e] for e, xe in enumerate(x.split(sizes)) if sizes[e] > 0]
+        return torch.cat(outs) if outs else x.new_zeros(0, self.dim)
+
+    def padded(self, x: Tensor) -> Tensor:
+        """``x[E, C, d]`` -> ``[E, C, d]`` (one bmm per layer, no host sync)."""
+        return torch.bmm(self._act(torch.bmm(x, self.w_in)), self.w_out)
+
+    def expert(self, e: int, x: Tensor) -> Tensor:
+        """Expert ``e`` on ``x[..., d]`` (for references and diagnostics)."""
+        return self._act(x @ self.w_in[e]) @ self.w_out[e]
+
+
+class MoE(KeepsLastForward, nn.Module):
+    """A top-k mixture-of-experts FFN.
+
+    Args:
+        dim: token dimension d.
+        num_experts: E.
+        k: experts per token.
+        hidden: expert hidden size.
+        router: ``"smoe"``, ``"xmoe"``, ``"stablemoe"``, ``"random"``, ``"ac"`` or a ``Router``.
+        ac: AC preset name or ``ACConfig`` for a named router (``"ac"`` defaults to ``"lm"``).
+            With ``apply_to="moe_input"`` the experts also see ``m(i) * x_i``.
+        gated: SwiGLU experts.
+        capacity_factor: None for dropless dispatch (one host sync for the split sizes); else
+            ``C = ceil(cf * k * T / E)`` slots per expert, overflow assignments contribute 0 (no
+            renormalisation), experts run as one padded ``[E, C, d]`` bmm with no host sync.
+        priority: capacity queue order: ``"slot"`` (first choices first, then token order;
+            GShard/Switch) or ``"weight"`` (per slot, tokens by descending top-1 gate weight;
+            tutel's batch-prioritised routing).
+        aux_coef: coefficient of ``load_balancing_loss``; z_coef: of ``router_z_loss``.
+        chain: a shared ``RoutingChain`` to read the previous MoE layer's state from and write this
+            layer's to.
+
+    ``forward(x[..., d], prev=None, token_mask=None, return_aux=False)`` returns ``y`` of x's shape,
+    or ``(y, aux_loss)``. ``token_mask`` is bool ``[...]`` with True = keep: masked tokens are left out
+    of the AC statistics and aux losses (and take no capacity), their outputs are still computed in
+    dropless mode. After each forward the module keeps ``.aux_loss``, ``.last_router_logits[T, E]``,
+    ``.last_state`` (``RoutingState``) and ``.last_stats`` (``ACStats`` or None).
+
+    A non-finite input raises ValueError (checked within the dropless split-size sync; in capacity
+    mode only on CPU, to keep accelerators sync-free).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_experts: int,
+        k: int,
+        hidden: int,
+        router: str | Router = "stablemoe",
+        ac: ACConfig | str | None = None,
+        gated: bool = False,
+        capacity_factor: float | None = None,
+        priority: str = "slot",
+        aux_coef: float = 0.0,
+        z_coef: float = 0.0,
+        chain: RoutingChain | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(router, Router):
+            if ac is not None:
+                raise ValueError("ac: give ac to the Router itself when passing a Router instance")
+            if (router.dim, router.num_experts, router.k) != (dim, num_experts, k):
+                raise ValueError(
+                    f"router: expected dim={dim}, num_experts={num_experts}, k={k}, got "
+                    f"dim={router.dim}, num_experts={router.num_experts}, k={router.k}"
+                )
+        else:
+            router = build_router(router, dim, num_experts, k, ac)
+        if capacity_factor is not None and not capacity_factor > 0:
+            raise ValueError(f"capacity_factor: expected None or > 0, got {capacity_factor}")
+        if priority not in ("slot", "weight"):
+            raise ValueError(f"priority: expected 'slot' or 'weight', got {priority!r}")
+        self.dim, self.num_experts, self.k, self.hidden = dim, num_experts, k, hidden
+        self.router = router
+        self.experts = Experts(num_experts, dim, hidden, gated)
+        self.capacity_factor, self.priority = capacity_factor, priority
+        self.aux_coef, self.z_coef = aux_coef, z_coef
+        self.chain = chain
+        self.chain_position = chain.register() if chain is not None else None
+        self.last_forward = LastForward()
+
+    def extra_repr(self) -> str:
+        return (
+            f"capacity_factor={self.capacity_factor}, priority={self.priority!r}, aux_coef={self.aux_coef}, "
+            f"z_coef={self.z_coef}, chain_position={self.chain_position}"
+        )
+
+    def forward(
+        self,
+        x: Tensor,
+        prev: RoutingState | None = None,
+        token_mask: Tensor | None = None,
+        return_aux: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        x2, mask = flatten_tokens(x, self.dim, token_mask, name="x")
+        if prev is None and self.chain is not None:
+            prev = self.chain.read(self.chain_position)
+        m_tok, stats = self.router.token_metric(x2, prev, mask)
+        u = x2
+        if m_tok is not None and self.router.ac.apply_to == "moe_input":
+            u = x2 * m_tok.to(x2.dtype)
+            routed = self.router.select(u)
+        else:
+            routed = self.router.select(x2, m_tok)
+        if self.capacity_factor is None:
+            y = self._dropless(u, routed.weights, routed.indices, x2)
+        else:
+            if x2.device.type == "cpu":
+                check_finite(x2, "x")
+            y = self._capacity(u, routed.weights, routed.indices, mask)
+        aux = self._aux(routed.logits, mask)
+        record = self.last_forward
+        record.aux_loss, record.router_logits, record.state, record.stats = aux, routed.logits, routed.state, stats
+        if self.chain is not None:
+            self.chain.write(self.chain_position, routed.state)
+        y = y.reshape(x.shape)
+        return (y, aux) if return_aux else y
+
+    def _dropless(self, u: Tensor, weights: Tensor, indices: Tensor, x2: Tensor) -> Tensor:
+        """Group the T*k assignments by (expert, slot, token) with a stable sort, run each expert on its
+        segment, combine with index_add_. One host sync (split sizes + finiteness flag)."""
+        T, k = indices.shape
+        E = self.num_experts
+        flat = indices.t().reshape(-1)  # position p = slot * T + token
+        order = torch.sort(flat, stable=True).indices
+        token = order % T
+        counts = torch.zeros(E, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+        bad = (~torch.isfinite(x2).all()).long().view(1)
+        host = torch.cat([counts, bad]).tolist()
+        if host[E]:
+            raise ValueError("x: expected finite values, got NaN or inf")
+        ys = self.experts.grouped(u.index_select(0, token), host[:E])
+        ys = ys * weights.t().reshape(-1).index_select(0, order).to(ys.dtype).unsqueeze(1)
+        return ys.new_zeros(T, self.dim).index_add_(0, token, ys)
+
+    def _capacity(self, u: Tensor, weights: Tensor, indices: Tensor, mask: Tensor | None) -> Tensor:
+        """Queue positions from a cumsum in priority order; overflow (and masked) assignments drop."""
+        T, k = indices.shape
+        E, d = self.num_experts, self.dim
+        C = expert_capacity(self.capacity_factor, k, T, E)
+        if self.priority == "slot":
+            tok = torch.arange(T, device=u.device)
+        else:
+            tok = torch.sort(weights[:, 0].detach(), descending=True, stable=True).indices
+        experts = indices.index_select(0, tok).t().reshape(-1)  # [k*T], slot-major in priority order
+        tok_seq = tok.repeat(k)
+        onehot = F.one_hot(experts, E).to(torch.int32)
+        if mask is not None:
+            onehot = onehot * mask.index_select(0, tok_seq).to(torch.int32).unsqueeze(1)
+        pos = (onehot.cumsum(0) * onehot).sum(1) - 1  # -1 for masked assignments
+        kept = (pos >= 0) & (pos < C)
+        dest = torch.where(kept, experts * C + pos, E * C)  # row E*C is a sink
+        buf = u.new_zeros(E * C + 1, d).index_add_(0, dest, u.index_select(0, tok_seq))
+        ybuf = self.experts.padded(buf[: E * C].view(E, C, d)).reshape(E * C, d)
+        ybuf = torch.cat([ybuf, ybuf.new_zeros(1, d)])
+        w_seq = weights.index_select(0, tok).t().reshape(-1) * kept
+        ys = ybuf.index_select(0, dest) * w_seq.to(ybuf.dtype).unsqueeze(1)
+        return ys.new_zeros(T, d).index_add_(0, tok_seq, ys)
+
+    def _aux(self, logits: Tensor, mask: Tensor | None) -> Tensor:
+        aux = logits.new_zeros(())
+        if self.aux_coef:
+            aux = aux + self.aux_coef * load_balancing_loss(logits, self.num_experts, self.k, mask)
+        if self.z_coef:
+            aux = aux + self.z_coef * router_z_loss(logits, mask)
+        return aux
