@@ -1,0 +1,404 @@
+"""The five losses as functions; each only builds ``log W`` and calls :func:`~.nce.weighted_nce` (spec §2).
+
+| loss          | ``W_ij`` (j ≠ i)                                   |
+|---------------|----------------------------------------------------|
+| info_nce      | 1                                                  |
+| fair_info_nce | ``1[g_i = g_j]``                                   |
+| cclk          | ``(b−1) M_ji``, ``M = clip((K_Z + λI)⁻¹ K_Z)``      |
+| fare          | ``(b−1) p_ij``, softmax over ``j ≠ i``              |
+| sparse_fare   | ``(b−1) p_ij``, softmax over the LSH support ``S_i`` |
+
+Every function returns the scalar loss, or ``(loss, stats)`` with ``return_stats=True``; ``stats`` holds
+``loss``, ``support`` (mean number of weighted negatives per anchor), ``empty_rows`` / ``fallback_rows``
+(D8) and, when ``diagnostics`` is set, the D12 measures of :mod:`.diagnostics`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from clusterformers.contrastive.diagnostics import weighting_diagnostics
+from clusterformers.contrastive.inputs import check_embeddings, check_sensitive, compute_dtype, one_hot_groups
+from clusterformers.contrastive.kernels import sensitive_kernel
+from clusterformers.contrastive.lsh import buckets_for_batch, build_block_plan, draw_rotations, hash_buckets
+from clusterformers.contrastive.lsh import support_mask as lsh_support_mask
+from clusterformers.contrastive.nce import LogWeightBlocks, segment_logsumexp, weighted_nce
+
+DIAG_ROWS = 512
+SCORES = ("dot", "neg_sqdist")
+Z_NORMS = ("batch", "none")
+NEG_SCALES = ("b-1", "none")
+IMPLS = ("sorted", "dense")
+HASH_ON = ("z", "keys")
+_NEG_INF = float("-inf")
+
+
+def _finish(
+    z1: Tensor, z2: Tensor, log_w: Tensor | LogWeightBlocks, nce: dict, return_stats: bool, stats: dict
+) -> Tensor | tuple[Tensor, dict[str, float]]:
+    loss = weighted_nce(z1, z2, log_w, **nce)
+    if not return_stats:
+        return loss
+    return loss, {"loss": float(loss.detach()), **stats}
+
+
+def _dense_stats(log_w: Tensor, dist_z: Tensor | None, diagnostics: bool) -> dict[str, float]:
+    """Row counts of a dense ``log W`` and, optionally, D12 on its first :data:`DIAG_ROWS` rows."""
+    with torch.no_grad():
+        finite = torch.isfinite(log_w)
+        finite.fill_diagonal_(False)
+        stats = {"support": float(finite.sum(1).double().mean()), "empty_rows": float((~finite.any(1)).sum())}
+        if diagnostics and dist_z is not None:
+            r = min(log_w.shape[0], DIAG_ROWS)
+            not_self = ~torch.eye(log_w.shape[0], dtype=torch.bool, device=log_w.device)[:r]
+            dist = torch.cdist(dist_z[:r].double(), dist_z.double())
+            stats.update(weighting_diagnostics(log_w[:r].exp(), dist, not_self))
+    return stats
+
+
+def info_nce(
+    z1: Tensor,
+    z2: Tensor,
+    *,
+    temperature: float = 0.1,
+    negatives: str = "both",
+    symmetric: bool = True,
+    check_inputs: bool = True,
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, dict[str, float]]:
+    """InfoNCE / NT-Xent: ``W_ij = 1`` (``2b − 2`` negatives per anchor with ``negatives="both"``).
+
+    Args:
+        z1, z2: ``[b, d]`` unnormalised embeddings of the two views.
+        temperature, negatives, symmetric: see :func:`~.nce.weighted_nce`.
+        check_inputs: raise on NaN/Inf.
+        return_stats: also return the stats dict.
+    """
+    z1, z2 = check_embeddings(z1, z2, check_inputs)
+    b = z1.shape[0]
+    log_w = torch.zeros(b, b, dtype=z1.dtype, device=z1.device).fill_diagonal_(_NEG_INF)
+    nce = {"temperature": temperature, "negatives": negatives, "symmetric": symmetric}
+    return _finish(z1, z2, log_w, nce, return_stats, {"support": float(b - 1), "empty_rows": 0.0})
+
+
+def fair_info_nce(
+    z1: Tensor,
+    z2: Tensor,
+    sensitive: Tensor,
+    *,
+    discretizer: object | None = None,
+    temperature: float = 0.1,
+    negatives: str = "both",
+    symmetric: bool = True,
+    check_inputs: bool = True,
+    return_stats: bool = False,
+    diagnostics: bool = True,
+) -> Tensor | tuple[Tensor, dict[str, float]]:
+    """Fair-InfoNCE: negatives only from the anchor's group, ``W_ij = 1[g_i = g_j]``.
+
+    Args:
+        z1, z2: ``[b, d]`` embeddings.
+        sensitive: int ``[b]`` groups, or float ``[b]`` / ``[b, s]`` together with ``discretizer``.
+        discretizer: a fitted, batch-independent callable float ``[b, s]`` → long ``[b]``
+            (:class:`~.discretize.KMeansDiscretizer`, :class:`~.discretize.GridDiscretizer`); required for
+            a float attribute.
+
+    An anchor alone in its group has no negatives: ``ℓ = 0``, zero gradient (``stats["empty_rows"]``).
+    """
+    z1, z2 = check_embeddings(z1, z2, check_inputs)
+    b = z1.shape[0]
+    sens = check_sensitive(sensitive, b, z1.device, check_inputs)
+    if sens.is_floating_point():
+        if discretizer is None:
+            raise TypeError(
+                f"fair_info_nce got a float sensitive of shape {list(sens.shape)} and no discretizer; pass "
+                "integer groups or discretizer=KMeansDiscretizer(k).fit(train_attributes) (no batch-dependent rule)"
+            )
+        groups = discretizer(sens)
+        dist_z = sens
+    else:
+        groups = sens
+        dist_z = (groups[:, None] == torch.unique(groups)[None, :]).to(z1.dtype)
+    same = groups[:, None] == groups[None, :]
+    same.fill_diagonal_(False)
+    log_w = torch.zeros(b, b, dtype=z1.dtype, device=z1.device).masked_fill(~same, _NEG_INF)
+    nce = {"temperature": temperature, "negatives": negatives, "symmetric": symmetric}
+    stats = _dense_stats(log_w, dist_z, diagnostics) if return_stats else {}
+    return _finish(z1, z2, log_w, nce, return_stats, stats)
+
+
+@torch.no_grad()
+def cclk_weights(
+    sensitive: Tensor, *, kernel: str = "cosine", lam: float = 0.01, bandwidth: float | None = None,
+    clip: float | None = 1e-6,
+) -> Tensor:
+    """CCLK's negative weights ``W = (b−1) Mᵀ``, ``M = (K_Z + λI)⁻¹ K_Z`` (fp64 ``linalg.solve``, no gradient).
+
+    Args:
+        sensitive: float ``[b, s]`` raw attribute.
+        kernel, bandwidth: see :func:`~.kernels.sensitive_kernel`.
+        lam: ``λ > 0``.
+        clip: ``M_ij < clip → 0``; ``None`` drops only ``M_ij <= 0``. ``M_ii = 0``.
+
+    Returns:
+        float64 ``[b, b]``, ``W[i, j]`` the weight of negative ``j`` for anchor ``i``.
+    """
+    if not lam > 0:
+        raise ValueError(f"lam must be > 0, got {lam}")
+    b = sensitive.shape[0]
+    k_z = sensitive_kernel(sensitive.double(), kernel, bandwidth)
+    m = torch.linalg.solve(k_z + lam * torch.eye(b, dtype=torch.float64, device=k_z.device), k_z)
+    m.fill_diagonal_(0.0)
+    keep = m >= clip if clip is not None else m > 0
+    return torch.where(keep, m, torch.zeros_like(m)).T * (b - 1)
+
+
+def cclk(
+    z1: Tensor,
+    z2: Tensor,
+    sensitive: Tensor,
+    *,
+    kernel: str = "cosine",
+    lam: float = 0.01,
+    bandwidth: float | None = None,
+    clip: float | None = 1e-6,
+    temperature: float = 0.1,
+    negatives: str = "both",
+    symmetric: bool = True,
+    check_inputs: bool = True,
+    return_stats: bool = False,
+    diagnostics: bool = True,
+) -> Tensor | tuple[Tensor, dict[str, float]]:
+    """CCLK (``weac-infonce``): ``W_ij = (b−1) M_ji`` with ``M = (K_Z + λI)⁻¹ K_Z`` (no gradient, fp64 solve).
+
+    Args:
+        sensitive: float ``[b]`` / ``[b, s]`` raw attribute (int groups are one-hot encoded).
+        kernel: see :mod:`~.kernels`.
+        lam: ``λ > 0``.
+        bandwidth: kernel bandwidth ``t``; ``None`` = per-batch median (rbf, laplacian), else 1.
+        clip: ``M_ij < clip → 0`` (CCLK's ``weight_clip_threshold``); ``None`` drops only ``M_ij <= 0``
+            (weights must be non-negative). ``M_ii = 0`` always.
+    """
+    z1, z2 = check_embeddings(z1, z2, check_inputs)
+    sens = check_sensitive(sensitive, z1.shape[0], z1.device, check_inputs)
+    if not sens.is_floating_point():
+        sens = one_hot_groups(sens, int(sens.max()) + 1, z1.dtype)
+    log_w = torch.log(cclk_weights(sens, kernel=kernel, lam=lam, bandwidth=bandwidth, clip=clip)).to(z1.dtype)
+    nce = {"temperature": temperature, "negatives": negatives, "symmetric": symmetric}
+    stats = _dense_stats(log_w, sens, diagnostics) if return_stats else {}
+    return _finish(z1, z2, log_w, nce, return_stats, stats)
+
+
+def standardize(z: Tensor, z_norm: str) -> Tensor:
+    """D1: ``"batch"`` = per-dimension ``(z − mean) / (std + 1e-6)`` with batch statistics; ``"none"``."""
+    if z_norm not in Z_NORMS:
+        raise ValueError(f"z_norm must be one of {Z_NORMS} here (the modules add 'running'), got {z_norm!r}")
+    if z_norm == "none":
+        return z
+    return (z - z.mean(0)) / (z.std(0, unbiased=False) + 1e-6)
+
+
+def _attribute(
+    sensitive: Tensor, w_q: Tensor, b: int, device: torch.device, check: bool, z_norm: str
+) -> tuple[Tensor, Tensor | None]:
+    """``ẑ`` ``[b, s]`` (one-hot for int groups, D9; then D1) and the groups (or ``None``)."""
+    sens = check_sensitive(sensitive, b, device, check)
+    s = w_q.shape[1]
+    groups = None
+    if not sens.is_floating_point():
+        groups = sens
+        sens = one_hot_groups(sens, s, compute_dtype(w_q.dtype))
+    elif sens.shape[1] != s:
+        raise ValueError(f"sensitive has s = {sens.shape[1]} columns but sensitive_dim (w_q.shape[1]) is {s}")
+    return standardize(sens, z_norm), groups
+
+
+def _scores(q: Tensor, k: Tensor, rho: float, score: str) -> Tensor:
+    """``q·k/ρ`` (``"dot"``) or ``−‖q − k‖²/2ρ`` (``"neg_sqdist"``) for ``q [..., T, d_k]``, ``k [..., T', d_k]``."""
+    dots = (q / rho) @ k.transpose(-1, -2)
+    if score == "dot":
+        return dots
+    return dots - ((q * q).sum(-1)[..., :, None] + (k * k).sum(-1)[..., None, :]) / (2 * rho)
+
+
+def _projections(
+    zhat: Tensor, w_q: Tensor, w_k: Tensor, rho: float | None, score: str, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, float]:
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if w_q.dim() != 2 or w_q.shape != w_k.shape:
+        raise ValueError(f"w_q and w_k must both be [d_k, s], got {list(w_q.shape)} and {list(w_k.shape)}")
+    rho = math.sqrt(w_q.shape[0]) if rho is None else float(rho)
+    if not rho > 0:
+        raise ValueError(f"rho must be > 0, got {rho}")
+    zhat = zhat.to(dtype)
+    return zhat @ w_q.to(dtype).T, zhat @ w_k.to(dtype).T, rho
+
+
+def _log_scale(b: int, neg_scale: str) -> float:
+    if neg_scale not in NEG_SCALES:
+        raise ValueError(f"neg_scale must be one of {NEG_SCALES}, got {neg_scale!r}")
+    return math.log(b - 1) if neg_scale == "b-1" else 0.0
+
+
+def fare(
+    z1: Tensor,
+    z2: Tensor,
+    sensitive: Tensor,
+    w_q: Tensor,
+    w_k: Tensor,
+    *,
+    rho: float | None = None,
+    score: str = "dot",
+    z_norm: str = "batch",
+    neg_scale: str = "b-1",
+    mask_self: bool = True,
+    temperature: float = 0.1,
+    negatives: str = "both",
+    symmetric: bool = True,
+    check_inputs: bool = True,
+    return_stats: bool = False,
+    diagnostics: bool = True,
+) -> Tensor | tuple[Tensor, dict[str, float]]:
+    """FARE: ``W_ij = (b−1) p_ij``, ``p_i = softmax_{j≠i}(score(W_Q ẑ_i, W_K ẑ_j))`` (Eqs. 8–11).
+
+    Args:
+        sensitive: float ``[b]`` / ``[b, s]`` or int groups ``[b]`` (one-hot to ``s`` columns, D9).
+        w_q, w_k: ``[d_k, s]`` projections (gradients flow to them); ``w_q = 0`` gives InfoNCE exactly.
+        rho: softmax temperature ``ρ``; ``None`` = ``√d_k``.
+        score: ``"dot"`` (``q·k/ρ``) or ``"neg_sqdist"`` (``−‖q−k‖²/2ρ``), D2.
+        z_norm: ``"batch"`` or ``"none"``, D1.
+        neg_scale: ``"b-1"`` (uniform attention = InfoNCE) or ``"none"`` (``W = p``), D5.
+        mask_self: exclude ``j = i`` from the softmax (D4); False also weights ``e^{S_ii}`` by ``W_ii``.
+    """
+    z1, z2 = check_embeddings(z1, z2, check_inputs)
+    b = z1.shape[0]
+    dtype = compute_dtype(z1.dtype, w_q.dtype)
+    zhat, _ = _attribute(sensitive, w_q, b, z1.device, check_inputs, z_norm)
+    q, k, rho = _projections(zhat, w_q, w_k, rho, score, dtype)
+    att = _scores(q, k, rho, score)
+    if mask_self:
+        # no autograd needed: the softmax gives the -inf entries exactly zero gradient
+        with torch.no_grad():
+            att.diagonal().fill_(_NEG_INF)
+    log_w = _log_scale(b, neg_scale) + torch.log_softmax(att, dim=1)
+    nce = {"temperature": temperature, "negatives": negatives, "symmetric": symmetric}
+    stats = {}
+    if return_stats:
+        stats = _dense_stats(log_w.detach(), zhat, diagnostics)
+        stats["fallback_rows"] = 0.0
+    return _finish(z1, z2, log_w, nce, return_stats, stats)
+
+
+def sparse_fare(
+    z1: Tensor,
+    z2: Tensor,
+    sensitive: Tensor,
+    w_q: Tensor,
+    w_k: Tensor,
+    *,
+    n_buckets: int = 4,
+    bucket_size: int | None = None,
+    n_hashes: int = 1,
+    neighbours: int = 0,
+    hash_on: str = "z",
+    impl: str = "sorted",
+    generator: torch.Generator | None = None,
+    buckets: Tensor | None = None,
+    unit_rotations: bool = True,
+    rho: float | None = None,
+    score: str = "dot",
+    z_norm: str = "batch",
+    neg_scale: str = "b-1",
+    mask_self: bool = True,
+    temperature: float = 0.1,
+    negatives: str = "both",
+    symmetric: bool = True,
+    check_inputs: bool = True,
+    return_stats: bool = False,
+    diagnostics: bool = True,
+) -> Tensor | tuple[Tensor, dict[str, float]]:
+    """SparseFARE: FARE's softmax restricted to the angular-LSH support ``S_i`` (:mod:`~.lsh`).
+
+    ``W_ij = (b−1) p_ij`` with ``p_i`` a softmax over ``S_i``; an anchor with ``S_i = ∅`` falls back to
+    the dense FARE row (D8, ``stats["fallback_rows"]``). FARE arguments as in :func:`fare`.
+
+    Args:
+        n_buckets: ``n_b`` (1 = no hashing, else even).
+        bucket_size: target bucket size ``c``: ``n_b = 2⌈b/2c⌉`` (overrides ``n_buckets``; sub-quadratic).
+        n_hashes: hash rounds (``impl="dense"`` only for > 1).
+        neighbours: extra buckets probed per round (multi-probe).
+        hash_on: ``"z"`` (hash ``ẑ``, Definition 2) or ``"keys"`` (hash ``W_K ẑ``, ablation).
+        impl: ``"sorted"`` (sort by bucket, tiles per bucket, never ``b×b``) or ``"dense"`` (reference).
+        generator: CPU generator for the random projections (``None``: global RNG).
+        buckets: long ``[b]`` given buckets (no hashing); int ``sensitive`` groups are the buckets (D9).
+        unit_rotations: unit-length projection directions (see :mod:`~.lsh`).
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if hash_on not in HASH_ON:
+        raise ValueError(f"hash_on must be one of {HASH_ON}, got {hash_on!r}")
+    if n_hashes < 1 or (impl == "sorted" and n_hashes != 1):
+        raise ValueError(f"n_hashes must be >= 1, and 1 with impl='sorted' (use impl='dense'), got {n_hashes}")
+    z1, z2 = check_embeddings(z1, z2, check_inputs)
+    b = z1.shape[0]
+    dtype = compute_dtype(z1.dtype, w_q.dtype)
+    zhat, groups = _attribute(sensitive, w_q, b, z1.device, check_inputs, z_norm)
+    q, k, rho = _projections(zhat, w_q, w_k, rho, score, dtype)
+    given = buckets if buckets is not None else groups
+    if given is not None:
+        if given.shape != (b,) or given.is_floating_point() or bool((given < 0).any()):
+            raise ValueError(f"buckets must be non-negative integers [b] = [{b}], got {list(given.shape)}")
+        if neighbours:
+            raise ValueError(f"neighbours must be 0 with given buckets or integer groups, got {neighbours}")
+        n_b = int(given.max()) + 1
+        bucket_r, probe_r = given.to(z1.device).long()[None], given.to(z1.device).long()[None, :, None]
+    else:
+        n_b = buckets_for_batch(b, n_buckets, bucket_size)
+        hashed = zhat if hash_on == "z" else k.detach()
+        rot = draw_rotations(
+            hashed.shape[1], n_b, n_hashes, generator=generator, device=z1.device, dtype=torch.float64,
+            unit=unit_rotations,
+        )
+        bucket_r, probe_r = hash_buckets(hashed, rot, neighbours)
+    log_scale = _log_scale(b, neg_scale)
+    nce = {"temperature": temperature, "negatives": negatives, "symmetric": symmetric}
+    if impl == "dense":
+        mask, fallback = lsh_support_mask(bucket_r, probe_r)
+        support = mask.sum(1)
+        if not mask_self:
+            mask = mask | torch.eye(b, dtype=torch.bool, device=mask.device)
+        log_w = log_scale + torch.log_softmax(_scores(q, k, rho, score).masked_fill(~mask, _NEG_INF), dim=1)
+    else:
+        plan = build_block_plan(bucket_r[0], probe_r[0], n_b, allow_self=not mask_self)
+        n_tiles, tile = plan.query_idx.shape
+        q_tiles = q.index_select(0, plan.query_idx.reshape(-1)).view(n_tiles, tile, -1)
+        k_tiles = k.index_select(0, plan.key_idx.reshape(-1)).view(n_tiles, tile, -1)
+        att = _scores(q_tiles, k_tiles, rho, score).masked_fill(plan.invalid, _NEG_INF)
+        lse = segment_logsumexp(att, plan.query_idx, b).index_select(0, plan.query_idx.reshape(-1))
+        log_w = LogWeightBlocks(plan.query_idx, plan.key_idx, att - (lse.view(n_tiles, tile, 1) - log_scale))
+        fallback, support = plan.fallback, plan.support
+    stats = {}
+    if return_stats:
+        stats = {
+            "support": float(support.double().mean()),
+            "fallback_rows": float(fallback.sum()),
+            "n_buckets": float(n_b),
+        }
+        if diagnostics:
+            stats.update(_sparse_diagnostics(q, k, rho, score, zhat, bucket_r, probe_r))
+    return _finish(z1, z2, log_w, nce, return_stats, stats)
+
+
+@torch.no_grad()
+def _sparse_diagnostics(
+    q: Tensor, k: Tensor, rho: float, score: str, zhat: Tensor, bucket_r: Tensor, probe_r: Tensor
+) -> dict[str, float]:
+    """D12 on the first :data:`DIAG_ROWS` anchors, from their dense support rows."""
+    rows = torch.arange(min(q.shape[0], DIAG_ROWS), device=q.device)
+    mask, _ = lsh_support_mask(bucket_r, probe_r, rows)
+    p = torch.softmax(_scores(q[rows], k, rho, score).masked_fill(~mask, _NEG_INF), dim=1)
+    return weighting_diagnostics(p, torch.cdist(zhat[rows].double(), zhat.double()), mask)

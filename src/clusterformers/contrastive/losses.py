@@ -1,0 +1,332 @@
+"""Fair contrastive losses as modules (pytorch-metric-learning style): one base class, five small subclasses.
+
+All five compute :func:`~.nce.weighted_nce`; they differ only in the weights ``W`` of the negatives::
+
+    loss_fn = SparseFARELoss(sensitive_dim=3, temperature=0.1, n_buckets=4)
+    loss, stats = loss_fn(z1, z2, sensitive, return_stats=True)     # z1, z2: [b, d]; sensitive: [b, 3]
+    opt = torch.optim.Adam([*model.parameters(), *loss_fn.parameters()])
+
+``stats`` always holds ``loss``, ``support`` and the D8 counts; every ``log_every``-th call (the first
+included) it also holds the D12 diagnostics ``spearman``, ``dist_ratio``, ``entropy``, ``eff_support``,
+computed without gradient. A ``dist_ratio`` above 1 on three diagnostic calls running logs a warning:
+the attention then prefers the most differently attributed negatives (spec §3, "Why D12").
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import Tensor, nn
+
+from clusterformers.contrastive import functional as fn
+from clusterformers.contrastive.inputs import check_sensitive, compute_dtype, one_hot_groups
+from clusterformers.contrastive.kernels import KERNELS
+from clusterformers.contrastive.nce import NEGATIVES
+
+logger = logging.getLogger(__name__)
+
+Output = Tensor | tuple[Tensor, dict[str, float]]
+
+
+class ContrastiveLoss(nn.Module):
+    """Base class: common options, the diagnostics schedule and the D12 warning.
+
+    Args:
+        temperature: ``τ`` of the embedding similarities.
+        negatives: ``"both"`` (cross- and same-view negatives) or ``"cross"``.
+        symmetric: average over both views' anchors.
+        check_inputs: raise on NaN/Inf inputs (a device sync per call).
+        log_every: compute the D12 diagnostics every this many calls with ``return_stats=True``
+            (0 = never).
+    """
+
+    def __init__(
+        self,
+        *,
+        temperature: float = 0.1,
+        negatives: str = "both",
+        symmetric: bool = True,
+        check_inputs: bool = True,
+        log_every: int = 50,
+    ) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if negatives not in NEGATIVES:
+            raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
+        if log_every < 0:
+            raise ValueError(f"log_every must be >= 0, got {log_every}")
+        self.temperature, self.negatives, self.symmetric = temperature, negatives, symmetric
+        self.check_inputs, self.log_every = check_inputs, log_every
+        self._calls = 0
+        self._ratio_streak = 0
+
+    def _common(self) -> dict:
+        return {
+            "temperature": self.temperature,
+            "negatives": self.negatives,
+            "symmetric": self.symmetric,
+            "check_inputs": self.check_inputs,
+        }
+
+    def _diagnostics_due(self, return_stats: bool) -> bool:
+        due = return_stats and self.log_every > 0 and self._calls % self.log_every == 0
+        self._calls += 1
+        return due
+
+    def _track(self, out: Output, return_stats: bool) -> Output:
+        if not return_stats:
+            return out
+        ratio = out[1].get("dist_ratio")
+        if ratio is not None:
+            self._ratio_streak = self._ratio_streak + 1 if ratio > 1 else 0
+            if self._ratio_streak == 3:
+                logger.warning(
+                    "%s: dist_ratio > 1 on 3 diagnostic calls running (now %.3f): the negative weights favour "
+                    "samples with the most different sensitive attribute (spec D12)",
+                    type(self).__name__,
+                    ratio,
+                )
+        return out
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, negatives={self.negatives!r}, symmetric={self.symmetric}"
+
+
+class InfoNCELoss(ContrastiveLoss):
+    """InfoNCE / NT-Xent (SimCLR). ``forward(z1, z2, sensitive=None, return_stats=False)``; ``sensitive`` is
+    accepted for a uniform signature and ignored."""
+
+    def forward(self, z1: Tensor, z2: Tensor, sensitive: Tensor | None = None, *, return_stats: bool = False) -> Output:
+        self._diagnostics_due(return_stats)
+        return fn.info_nce(z1, z2, return_stats=return_stats, **self._common())
+
+
+class FairInfoNCELoss(ContrastiveLoss):
+    """Fair-InfoNCE: negatives from the anchor's group only.
+
+    Args:
+        discretizer: fitted callable float ``[b, s]`` → long ``[b]`` groups; required for float attributes.
+        **kwargs: :class:`ContrastiveLoss` options.
+    """
+
+    def __init__(self, *, discretizer: object | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.discretizer = discretizer
+
+    def forward(self, z1: Tensor, z2: Tensor, sensitive: Tensor, *, return_stats: bool = False) -> Output:
+        diag = self._diagnostics_due(return_stats)
+        out = fn.fair_info_nce(
+            z1, z2, sensitive, discretizer=self.discretizer, return_stats=return_stats, diagnostics=diag,
+            **self._common(),
+        )
+        return self._track(out, return_stats)
+
+
+class CCLKLoss(ContrastiveLoss):
+    """CCLK (kernel conditional negatives). See :func:`~.functional.cclk` for ``kernel``, ``lam``,
+    ``bandwidth`` and ``clip``."""
+
+    def __init__(
+        self,
+        *,
+        kernel: str = "cosine",
+        lam: float = 0.01,
+        bandwidth: float | None = None,
+        clip: float | None = 1e-6,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        if not lam > 0:
+            raise ValueError(f"lam must be > 0, got {lam}")
+        self.kernel, self.lam, self.bandwidth, self.clip = kernel, lam, bandwidth, clip
+
+    def forward(self, z1: Tensor, z2: Tensor, sensitive: Tensor, *, return_stats: bool = False) -> Output:
+        diag = self._diagnostics_due(return_stats)
+        out = fn.cclk(
+            z1, z2, sensitive, kernel=self.kernel, lam=self.lam, bandwidth=self.bandwidth, clip=self.clip,
+            return_stats=return_stats, diagnostics=diag, **self._common(),
+        )
+        return self._track(out, return_stats)
+
+
+class FARELoss(ContrastiveLoss):
+    """FARE: attention over the sensitive attribute weights the negatives (learned ``W_Q``, ``W_K``).
+
+    Args:
+        sensitive_dim: ``s``, columns of a float attribute or number of integer groups (one-hot, D9).
+        d_k: query/key width (D3); ignored when ``learn_projections=False`` (then ``d_k = s``).
+        rho: ``ρ``; ``None`` = ``√d_k`` (``√s`` when fixed).
+        learn_projections: False = D11 ablation, ``W_Q = W_K = I`` as buffers.
+        score: ``"dot"`` or ``"neg_sqdist"`` (D2).
+        z_norm: ``"batch"``, ``"running"`` (EMA statistics with ``momentum``, updated in training, used in
+            both modes) or ``"none"`` (D1).
+        neg_scale: ``"b-1"`` or ``"none"`` (D5).
+        mask_self: exclude ``j = i`` from the softmax (D4).
+        momentum: EMA factor of ``z_norm="running"``.
+        **kwargs: :class:`ContrastiveLoss` options.
+
+    ``W_Q``, ``W_K`` start as a padded identity plus N(0, 0.01²) noise (global RNG); train them with the
+    encoder's optimiser and no weight decay.
+    """
+
+    def __init__(
+        self,
+        sensitive_dim: int,
+        *,
+        d_k: int = 16,
+        rho: float | None = None,
+        learn_projections: bool = True,
+        score: str = "dot",
+        z_norm: str = "batch",
+        neg_scale: str = "b-1",
+        mask_self: bool = True,
+        momentum: float = 0.1,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        if sensitive_dim < 1 or d_k < 1:
+            raise ValueError(f"sensitive_dim and d_k must be >= 1, got {sensitive_dim} and {d_k}")
+        if score not in fn.SCORES:
+            raise ValueError(f"score must be one of {fn.SCORES}, got {score!r}")
+        if z_norm not in (*fn.Z_NORMS, "running"):
+            raise ValueError(f"z_norm must be one of {(*fn.Z_NORMS, 'running')}, got {z_norm!r}")
+        if neg_scale not in fn.NEG_SCALES:
+            raise ValueError(f"neg_scale must be one of {fn.NEG_SCALES}, got {neg_scale!r}")
+        if rho is not None and not rho > 0:
+            raise ValueError(f"rho must be > 0 or None, got {rho}")
+        self.sensitive_dim, self.learn_projections = sensitive_dim, learn_projections
+        self.rho, self.score, self.z_norm, self.neg_scale, self.mask_self = rho, score, z_norm, neg_scale, mask_self
+        self.momentum = momentum
+        if learn_projections:
+            init = torch.eye(d_k, sensitive_dim)
+            self.w_q = nn.Parameter(init + 0.01 * torch.randn(d_k, sensitive_dim))
+            self.w_k = nn.Parameter(init + 0.01 * torch.randn(d_k, sensitive_dim))
+        else:
+            self.register_buffer("w_q", torch.eye(sensitive_dim))
+            self.register_buffer("w_k", torch.eye(sensitive_dim))
+        if z_norm == "running":
+            self.register_buffer("running_mean", torch.zeros(sensitive_dim))
+            self.register_buffer("running_var", torch.ones(sensitive_dim))
+
+    def _fare_kwargs(self) -> dict:
+        return {"rho": self.rho, "score": self.score, "neg_scale": self.neg_scale, "mask_self": self.mask_self}
+
+    def _prepared(self, sensitive: Tensor, b: int, device: torch.device) -> tuple[Tensor, str, Tensor | None]:
+        """``(attribute, z_norm, groups)`` to hand to the functional: running statistics applied here."""
+        if self.z_norm != "running":
+            return sensitive, self.z_norm, None
+        sens = check_sensitive(sensitive, b, device, self.check_inputs)
+        groups = None
+        if not sens.is_floating_point():
+            groups = sens
+            sens = one_hot_groups(sens, self.sensitive_dim, compute_dtype(self.w_q.dtype))
+        elif sens.shape[1] != self.sensitive_dim:
+            raise ValueError(
+                f"sensitive has s = {sens.shape[1]} columns, expected sensitive_dim = {self.sensitive_dim}"
+            )
+        if self.training:
+            with torch.no_grad():
+                mean, var = sens.mean(0), sens.var(0, unbiased=False)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+                self.running_var.lerp_(var.to(self.running_var.dtype), self.momentum)
+        zhat = (sens - self.running_mean.to(sens.dtype)) / (self.running_var.to(sens.dtype).sqrt() + 1e-6)
+        return zhat, "none", groups
+
+    def forward(self, z1: Tensor, z2: Tensor, sensitive: Tensor, *, return_stats: bool = False) -> Output:
+        diag = self._diagnostics_due(return_stats)
+        attribute, z_norm, _ = self._prepared(sensitive, z1.shape[0], z1.device)
+        out = fn.fare(
+            z1, z2, attribute, self.w_q, self.w_k, z_norm=z_norm, return_stats=return_stats, diagnostics=diag,
+            **self._fare_kwargs(), **self._common(),
+        )
+        return self._track(out, return_stats)
+
+    def extra_repr(self) -> str:
+        rho = self.rho if self.rho is not None else math.sqrt(self.w_q.shape[0])
+        return (
+            f"sensitive_dim={self.sensitive_dim}, d_k={self.w_q.shape[0]}, rho={rho:.4g}, "
+            f"learn_projections={self.learn_projections}, score={self.score!r}, z_norm={self.z_norm!r}, "
+            f"{super().extra_repr()}"
+        )
+
+
+class SparseFARELoss(FARELoss):
+    """SparseFARE: FARE restricted to angular-LSH buckets of the sensitive attribute (spec §2).
+
+    Args:
+        sensitive_dim: as :class:`FARELoss` (all its options apply).
+        n_buckets: ``n_b`` (1 or even), D7 default 4.
+        bucket_size: target bucket size ``c`` (``n_b = 2⌈b/2c⌉``, sub-quadratic), overrides ``n_buckets``.
+        n_hashes: hash rounds (``impl="dense"`` for > 1).
+        neighbours: extra buckets probed (multi-probe), D7.
+        hash_on: ``"z"`` or ``"keys"``.
+        impl: ``"sorted"`` or ``"dense"`` (reference).
+        generator: CPU generator for the projections drawn at every training call (``None``: global RNG).
+        eval_seed: in eval mode the projections come from this seed, so evaluation is deterministic.
+        unit_rotations: unit-length projection directions (:mod:`~.lsh`).
+
+    ``forward(z1, z2, sensitive, buckets=None, return_stats=False)``: ``buckets`` (long ``[b]``) replaces
+    hashing; integer ``sensitive`` groups are the buckets (D9).
+    """
+
+    def __init__(
+        self,
+        sensitive_dim: int,
+        *,
+        n_buckets: int = 4,
+        bucket_size: int | None = None,
+        n_hashes: int = 1,
+        neighbours: int = 0,
+        hash_on: str = "z",
+        impl: str = "sorted",
+        generator: torch.Generator | None = None,
+        eval_seed: int = 0,
+        unit_rotations: bool = True,
+        **kwargs,
+    ) -> None:
+        super().__init__(sensitive_dim, **kwargs)
+        if n_buckets != 1 and (n_buckets < 2 or n_buckets % 2):
+            raise ValueError(f"n_buckets must be 1 (no hashing) or even >= 2, got {n_buckets}")
+        if bucket_size is not None and bucket_size < 1:
+            raise ValueError(f"bucket_size must be >= 1 or None, got {bucket_size}")
+        if impl not in fn.IMPLS:
+            raise ValueError(f"impl must be one of {fn.IMPLS}, got {impl!r}")
+        if n_hashes < 1 or (impl == "sorted" and n_hashes != 1):
+            raise ValueError(f"n_hashes must be >= 1, and 1 with impl='sorted' (use impl='dense'), got {n_hashes}")
+        if neighbours < 0:
+            raise ValueError(f"neighbours must be >= 0, got {neighbours}")
+        if hash_on not in fn.HASH_ON:
+            raise ValueError(f"hash_on must be one of {fn.HASH_ON}, got {hash_on!r}")
+        self.n_buckets, self.bucket_size, self.n_hashes, self.neighbours = n_buckets, bucket_size, n_hashes, neighbours
+        self.hash_on, self.impl, self.generator, self.eval_seed = hash_on, impl, generator, eval_seed
+        self.unit_rotations = unit_rotations
+
+    def forward(
+        self,
+        z1: Tensor,
+        z2: Tensor,
+        sensitive: Tensor,
+        *,
+        buckets: Tensor | None = None,
+        return_stats: bool = False,
+    ) -> Output:
+        diag = self._diagnostics_due(return_stats)
+        attribute, z_norm, groups = self._prepared(sensitive, z1.shape[0], z1.device)
+        generator = self.generator if self.training else torch.Generator().manual_seed(self.eval_seed)
+        out = fn.sparse_fare(
+            z1, z2, attribute, self.w_q, self.w_k, n_buckets=self.n_buckets, bucket_size=self.bucket_size,
+            n_hashes=self.n_hashes, neighbours=self.neighbours, hash_on=self.hash_on, impl=self.impl,
+            generator=generator, buckets=buckets if buckets is not None else groups,
+            unit_rotations=self.unit_rotations, z_norm=z_norm, return_stats=return_stats, diagnostics=diag,
+            **self._fare_kwargs(), **self._common(),
+        )
+        return self._track(out, return_stats)
+
+    def extra_repr(self) -> str:
+        size = f"bucket_size={self.bucket_size}" if self.bucket_size is not None else f"n_buckets={self.n_buckets}"
+        return f"{size}, neighbours={self.neighbours}, impl={self.impl!r}, {super().extra_repr()}"

@@ -1,0 +1,195 @@
+"""Angular LSH for SparseFARE: buckets, multi-probe supports and the tiles of the sorted implementation.
+
+One hash round ``r`` maps ``x ∈ R^s`` to ``h_r(x) = argmax [x R_r ; −x R_r]`` with ``R_r ∈ R^{s × n_b/2}``
+(Andoni et al. 2015; Reformer). The columns of ``R_r`` are Gaussian directions normalised to unit length:
+in the few dimensions of a protected attribute (s = 3), raw N(0, 1) columns give cells whose sizes follow
+the column norms (at n_b = 128, ``n_b Σ_k p_k² ≈ 11`` instead of ``≈ 1.3``), which would make the
+"sub-quadratic" sorted path nearly quadratic; unit columns split the sphere evenly (n_b = 4: exact quarters).
+``unit=False`` keeps the raw Gaussian columns.
+
+Multi-probe: anchor ``i`` probes ``P_r(i)``, the top ``1 + neighbours`` entries of ``[x_i R_r ; −x_i R_r]``
+(its own bucket first), and attends to ``S_i = {j ≠ i : h_r(x_j) ∈ P_r(i) for some r}``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def buckets_for_batch(batch: int, n_buckets: int, bucket_size: int | None) -> int:
+    """Number of buckets: ``n_buckets``, or ``2⌈b / 2c⌉`` (≥ 2) when a target ``bucket_size = c`` is set."""
+    if bucket_size is None:
+        return n_buckets
+    return max(2, 2 * math.ceil(batch / (2 * bucket_size)))
+
+
+def draw_rotations(
+    dim: int,
+    n_buckets: int,
+    n_hashes: int = 1,
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    unit: bool = True,
+) -> Tensor:
+    """Random projections ``R`` ``[n_hashes, dim, n_buckets // 2]`` (``[n_hashes, dim, 0]`` if ``n_buckets == 1``).
+
+    Drawn on the CPU (with ``generator`` if given, else the global CPU RNG) and then moved, so a seed gives
+    the same buckets on every device.
+    """
+    if n_buckets != 1 and (n_buckets < 2 or n_buckets % 2):
+        raise ValueError(f"n_buckets must be 1 (no hashing) or an even number >= 2, got {n_buckets}")
+    rot = torch.randn(n_hashes, dim, n_buckets // 2, generator=generator, dtype=torch.float64)
+    if unit and rot.numel():
+        rot = rot / rot.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return rot.to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def hash_buckets(x: Tensor, rotations: Tensor, neighbours: int = 0) -> tuple[Tensor, Tensor]:
+    """Bucket and multi-probe set of every sample, for every hash round.
+
+    Args:
+        x: ``[b, s]`` hashed vectors.
+        rotations: ``[n_hashes, s, n_b/2]`` from :func:`draw_rotations`.
+        neighbours: extra buckets probed per round, ``0 <= neighbours < n_b``.
+
+    Returns:
+        ``buckets`` long ``[n_hashes, b]`` and ``probes`` long ``[n_hashes, b, 1 + neighbours]``, with
+        ``probes[..., 0] == buckets``.
+    """
+    n_hashes, half = rotations.shape[0], rotations.shape[2]
+    n_buckets = max(1, 2 * half)
+    if not 0 <= neighbours < n_buckets:
+        raise ValueError(f"neighbours must lie in 0..n_buckets-1 = 0..{n_buckets - 1}, got {neighbours}")
+    b = x.shape[0]
+    if half == 0:
+        zeros = torch.zeros(n_hashes, b, 1, dtype=torch.long, device=x.device)
+        return zeros[..., 0], zeros
+    proj = torch.einsum("bs,rsk->rbk", x.to(rotations.dtype), rotations)
+    probes = torch.cat([proj, -proj], dim=-1).topk(1 + neighbours, dim=-1).indices
+    return probes[..., 0], probes
+
+
+def support_mask(buckets: Tensor, probes: Tensor, rows: Tensor | None = None) -> Tensor:
+    """Dense reference support with the empty-support fallback (D8), for anchors ``rows`` (default: all).
+
+    ``mask[k, j]`` is True when ``j ≠ i = rows[k]`` and ``h_r(j) ∈ P_r(i)`` for some round ``r``; an anchor
+    with no such ``j`` attends to every ``j ≠ i``.
+
+    Args:
+        buckets: long ``[n_hashes, b]``.
+        probes: long ``[n_hashes, b, 1 + m]``.
+        rows: long ``[r]`` anchor indices or ``None``.
+
+    Returns:
+        bool ``[r, b]`` and the fallback flags bool ``[r]``.
+    """
+    b = buckets.shape[1]
+    rows = torch.arange(b, device=buckets.device) if rows is None else rows
+    hit = (buckets[:, None, None, :] == probes[:, rows, :, None]).any(dim=2).any(dim=0)
+    not_self = torch.arange(b, device=buckets.device)[None, :] != rows[:, None]
+    hit = hit & not_self
+    fallback = ~hit.any(dim=1)
+    return hit | (fallback[:, None] & not_self), fallback
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """Tiles of the sorted SparseFARE implementation.
+
+    Attributes:
+        query_idx: long ``[P, T]`` anchors of each tile (padding → 0).
+        key_idx: long ``[P, T]`` candidate negatives of each tile (padding → 0).
+        invalid: bool ``[P, T, T]``, True for pairs outside the support (padding, and self pairs unless
+            allowed).
+        fallback: bool ``[b]``, anchors whose support was empty and that attend to every ``j ≠ i`` (D8).
+        support: long ``[b]``, ``|S_i|`` (j ≠ i) after the fallback.
+    """
+
+    query_idx: Tensor
+    key_idx: Tensor
+    invalid: Tensor
+    fallback: Tensor
+    support: Tensor
+
+
+def tile_size(batch: int, n_buckets: int) -> int:
+    """Tile side: the power of two nearest half the mean bucket size, clamped to 8..256."""
+    half_mean = max(1.0, batch / max(1, n_buckets) / 2)
+    return int(min(256, max(8, 2 ** round(math.log2(half_mean)))))
+
+
+def _tiles(starts: Tensor, counts: Tensor, tile: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per segment, ``ceil(count / tile)`` tiles of positions ``start .. start + count - 1`` (CPU tensors).
+
+    Returns:
+        ``segment`` ``[n]`` of each tile, its positions ``[n, tile]`` (padding → 0) and its mask.
+    """
+    n_tiles = (counts + tile - 1) // tile
+    segment = torch.repeat_interleave(torch.arange(len(counts)), n_tiles)
+    first = torch.cumsum(n_tiles, 0) - n_tiles
+    local = torch.arange(len(segment)) - first[segment]
+    offset = local[:, None] * tile + torch.arange(tile)[None, :]
+    mask = offset < counts[segment][:, None]
+    return segment, torch.where(mask, starts[segment][:, None] + offset, torch.zeros_like(offset)), mask
+
+
+def build_block_plan(
+    bucket: Tensor, probe: Tensor, n_buckets: int, *, allow_self: bool = False, tile: int | None = None
+) -> BlockPlan:
+    """Sort by bucket and tile each probed bucket (one hash round).
+
+    Query rows ``(i, r)`` (anchor ``i``, probe ``r``) are sorted by their probed bucket and keys by their own
+    bucket (``O(b log b)`` on the device); each bucket's query tiles meet each of its key tiles, so the cost
+    is ``Σ_k nq_k n_k ≈ b·c`` for buckets of size ``c``. Anchors with an empty support get one extra
+    segment against all ``b`` keys. The tile layout depends only on the bucket sizes: it is laid out on the
+    CPU from one small device-to-host copy and sent back as one array.
+
+    Args:
+        bucket: long ``[b]`` own bucket of each sample.
+        probe: long ``[b, 1 + m]`` probed buckets (``probe[:, 0] == bucket``, distinct per row).
+        n_buckets: number of buckets.
+        allow_self: keep the pair ``(i, i)`` (``mask_self=False``).
+        tile: tile side; ``None`` = :func:`tile_size`.
+    """
+    b, n_probe = probe.shape
+    dev = bucket.device
+    tile = tile_size(b, n_buckets) if tile is None else tile
+    key_counts = torch.bincount(bucket, minlength=n_buckets)
+    support = key_counts[probe].sum(dim=1) - 1
+    fallback = support == 0
+    target = probe.reshape(-1)
+    query_order = torch.div(torch.argsort(target, stable=True), n_probe, rounding_mode="floor")
+    counts = torch.cat([torch.bincount(target, minlength=n_buckets), key_counts, fallback.sum()[None]]).cpu()
+    n_fb = int(counts[-1])
+    q_counts = torch.cat([counts[:n_buckets], counts[-1:]])
+    k_counts = torch.cat([counts[n_buckets:-1], torch.tensor([b if n_fb else 0])])
+    q_starts, k_starts = torch.cumsum(q_counts, 0) - q_counts, torch.cumsum(k_counts, 0) - k_counts
+    active = (q_counts > 0) & (k_counts > 0)
+    q_seg, q_pos, q_mask = _tiles(q_starts, q_counts * active, tile)
+    k_seg, k_pos, k_mask = _tiles(k_starts, k_counts * active, tile)
+    # every query tile of a segment meets every key tile of it
+    k_tiles = torch.bincount(k_seg, minlength=len(k_counts))
+    reps = k_tiles[q_seg]
+    pair_q = torch.repeat_interleave(torch.arange(len(q_seg)), reps)
+    pair_k = (torch.cumsum(k_tiles, 0) - k_tiles)[q_seg][pair_q] + torch.arange(len(pair_q)) - (
+        torch.cumsum(reps, 0) - reps
+    )[pair_q]
+    fb_pair = (q_seg[pair_q] == n_buckets).long()[:, None]
+    layout = torch.cat([q_pos[pair_q], k_pos[pair_k], q_mask[pair_q], k_mask[pair_k], fb_pair], dim=1).to(dev)
+    q_pos, k_pos, q_mask, k_mask, fb_pair = layout.split([tile, tile, tile, tile, 1], dim=1)
+    # the fallback anchors come first in argsort(~fallback), after the sorted query rows
+    query_idx = torch.cat([query_order, torch.argsort(~fallback, stable=True)])[q_pos]
+    key_idx = torch.cat([torch.argsort(bucket, stable=True), torch.arange(b, device=dev)])[k_pos]
+    is_self = query_idx[:, :, None] == key_idx[:, None, :]
+    if allow_self:
+        is_self &= fb_pair.bool()[:, :, None]
+    invalid = ~(q_mask.bool()[:, :, None] & k_mask.bool()[:, None, :]) | is_self
+    support = torch.where(fallback, torch.full_like(support, b - 1), support)
+    return BlockPlan(query_idx, key_idx, invalid, fallback, support)

@@ -1,0 +1,193 @@
+"""The one code path of every loss here: InfoNCE whose negatives carry weights ``W_ij >= 0``.
+
+For ``b`` anchors with two views, ``u_i, v_i`` the L2-normalised embeddings and ``τ`` the temperature,
+``S_ij = u_i·v_j/τ``, ``A_ij = u_i·u_j/τ``, ``B_ij = v_i·v_j/τ`` and (spec §2)::
+
+    ℓ¹_i = −S_ii + log( e^{S_ii} + Σ_j W_ij e^{S_ij} + β Σ_{j≠i} W_ij e^{A_ij} )
+    ℓ²_i = −S_ii + log( e^{S_ii} + Σ_j W_ij e^{S_ji} + β Σ_{j≠i} W_ij e^{B_ij} )
+    L = mean_i (ℓ¹_i + ℓ²_i) / 2            (symmetric=True; else L = mean_i ℓ¹_i)
+
+with ``β = 1`` for ``negatives="both"`` and ``β = 0`` for ``negatives="cross"``. The weights arrive as
+``log_w = log W`` (``-inf`` = weight 0). ``W_ii`` is normally 0; a finite ``log_w[i, i]`` weights the extra
+cross-view term ``e^{S_ii}`` (the paper's unmasked sum, ``mask_self=False``); the same-view self-similarity
+is never a negative.
+
+Each ``ℓ`` is **one** logsumexp over the positive and the weighted negatives, so an anchor whose weights are
+all zero gets ``ℓ = 0`` with exactly zero gradient (never NaN). Dense weights put the positive into the
+``2b × 2b`` logits (the cross-view self pair, weight ``1 + W_ii``): ``ℓ = log(1 + W_ii) − log_softmax`` at
+the positive, i.e. ``F.cross_entropy`` on the masked matrix when ``W_ii = 0``. The sorted SparseFARE path
+passes :class:`LogWeightBlocks`, never forms a ``b × b`` matrix, and takes each anchor's logsumexp over all
+its tiles and the positive at once (:func:`segment_logsumexp`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+NEGATIVES = ("both", "cross")
+
+
+@dataclass(frozen=True)
+class LogWeightBlocks:
+    """Block-sparse log-weights: tile ``p`` pairs anchors ``query_idx[p]`` with negatives ``key_idx[p]``.
+
+    Attributes:
+        query_idx: long ``[P, T]`` anchor indices (padding: any valid index, with ``log_w = -inf``).
+        key_idx: long ``[P, T']`` negative indices (padding likewise).
+        log_w: float ``[P, T, T']``, ``log W`` of each (anchor, negative) pair, ``-inf`` = weight 0.
+
+    Every (anchor, negative) pair may appear in at most one tile entry with a finite weight.
+    """
+
+    query_idx: Tensor
+    key_idx: Tensor
+    log_w: Tensor
+
+
+class _SegmentLogSumExp(torch.autograd.Function):
+    """``out_i = log(e^{extra_i} + Σ_{rows r: index[r] = i} Σ_j e^{x[r, j]})`` with a NaN-free gradient.
+
+    The forward uses the fused ``torch.logsumexp`` per row; the backward is ``e^{x − out}`` (and
+    ``e^{extra − out}``), so entries at ``-inf`` and empty sums get exactly zero gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor, size: int, extra: Tensor | None) -> Tensor:
+        flat = index.reshape(-1)
+        row = torch.logsumexp(x, dim=-1).reshape(-1)
+        if extra is None:
+            shift = torch.full((size,), float("-inf"), dtype=x.dtype, device=x.device)
+            shift = torch.nan_to_num(shift.scatter_reduce(0, flat, row, "amax"), neginf=0.0)
+        else:
+            shift = extra.scatter_reduce(0, flat, row, "amax")  # finite: extra is
+        total = torch.zeros_like(shift).index_add_(0, flat, torch.exp(row - shift.index_select(0, flat)))
+        if extra is not None:
+            total += torch.exp(extra - shift)
+        out = shift + torch.log(total)
+        ctx.save_for_backward(x, index, out, extra)
+        ctx.has_extra = extra is not None
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, Tensor | None]:
+        x, index, out, extra = ctx.saved_tensors
+        safe = out if ctx.has_extra else torch.nan_to_num(out, neginf=0.0)
+        flat = index.reshape(-1)
+        rows = (*index.shape, 1)
+        grad_x = torch.exp(x - safe.index_select(0, flat).view(rows)).mul_(grad.index_select(0, flat).view(rows))
+        grad_extra = grad * torch.exp(extra - safe) if ctx.has_extra else None
+        return grad_x, None, None, grad_extra
+
+
+def segment_logsumexp(x: Tensor, index: Tensor, size: int, extra: Tensor | None = None) -> Tensor:
+    """``log(e^{extra_i} + Σ_{rows r: index[r] = i} Σ_j e^{x[r, j]})`` for ``i < size``: one logsumexp per
+    output over all its rows (and ``extra``).
+
+    Args:
+        x: ``[*R, n]`` logits (``-inf`` = absent), rows ``R``.
+        index: long ``[*R]`` row → output index.
+        size: number of outputs.
+        extra: optional ``[size]`` finite term included in every sum (the positive logit).
+
+    Returns:
+        ``[size]``; ``-inf`` where nothing contributes. Gradients are exact; entries at ``-inf`` and empty
+        sums get zero gradient, never NaN.
+    """
+    return _SegmentLogSumExp.apply(x, index, size, extra)
+
+
+def weighted_nce_rows(
+    z1: Tensor,
+    z2: Tensor,
+    log_w: Tensor | LogWeightBlocks,
+    temperature: float = 0.1,
+    negatives: str = "both",
+    symmetric: bool = True,
+) -> Tensor:
+    """Per-anchor losses of :func:`weighted_nce`: ``[ℓ¹_0..ℓ¹_{b-1}, ℓ²_0..ℓ²_{b-1}]`` (``[2b]``) or ``[b]``.
+
+    Each tile computes all four similarity blocks with one matmul of the stacked views: logits
+    ``[P, T, 2, 2, T']`` indexed (tile, anchor, anchor view, negative view, negative); equal views are the
+    same-view negatives (``A``, ``B``), different views the cross-view ones (``S``).
+
+    Args:
+        z1, z2: ``[b, d]`` embeddings of the two views (normalised here).
+        log_w: dense ``[b, b]`` log-weights or :class:`LogWeightBlocks`.
+        temperature: ``τ > 0``.
+        negatives: ``"both"`` (cross- and same-view, β = 1) or ``"cross"`` (β = 0).
+        symmetric: also the second view's anchors (ℓ²).
+    """
+    if negatives not in NEGATIVES:
+        raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    u = F.normalize(z1, dim=1)
+    v = F.normalize(z2, dim=1)
+    b, d = u.shape
+    views = torch.stack([u, v], dim=1)  # [b, 2, d]
+    blocks = isinstance(log_w, LogWeightBlocks)
+    if blocks:
+        query, key, lw = log_w.query_idx, log_w.key_idx, log_w.log_w.to(u.dtype)
+        n_tiles, t_q, t_k = lw.shape
+        xq = (views / temperature).index_select(0, query.reshape(-1)).view(n_tiles, 2 * t_q, d)
+        xk = views.index_select(0, key.reshape(-1)).view(n_tiles, t_k, 2, d).transpose(1, 2)
+    else:
+        if tuple(log_w.shape) != (b, b):
+            raise ValueError(f"log_w must be [b, b] = {[b, b]} to match z1, got {list(log_w.shape)}")
+        # the positive joins the matrix: the cross-view self pair gets weight 1 + W_ii
+        diag = torch.logaddexp(torch.zeros((), dtype=u.dtype, device=u.device), log_w.diagonal().to(u.dtype))
+        lw = torch.diagonal_scatter(log_w.to(u.dtype), diag)[None]
+        n_tiles, t_q, t_k = 1, b, b
+        xq, xk = (views / temperature).view(1, 2 * b, d), views.transpose(0, 1)[None]
+    sims = torch.bmm(xq, xk.reshape(n_tiles, 2 * t_k, d).transpose(1, 2)).view(n_tiles, t_q, 2, 2, t_k)
+    logits = sims + lw[:, :, None, None, :]
+    # Entries that are not negatives are set to -inf without autograd: the logsumexp below gives such entries
+    # exactly zero gradient, so the gradient of the unmasked sum is the true one (and no mask is saved).
+    with torch.no_grad():
+        if negatives == "cross":
+            logits.diagonal(dim1=2, dim2=3).fill_(float("-inf"))
+        elif blocks:
+            self_pair = (query[:, :, None] == key[:, None, :])[..., None]  # [P, T, T', 1]
+            logits.diagonal(dim1=2, dim2=3).masked_fill_(self_pair, float("-inf"))
+        else:
+            logits.diagonal(dim1=1, dim2=4).diagonal(dim1=1, dim2=2).fill_(float("-inf"))
+    if blocks:
+        pos = (u * v).sum(dim=1) / temperature
+        index = torch.stack([query, query + b], dim=2)
+        pos2 = torch.cat([pos, pos])
+        rows = segment_logsumexp(logits.view(n_tiles, t_q, 2, 2 * t_k), index, 2 * b, extra=pos2) - pos2
+    else:
+        log_p = torch.log_softmax(logits.view(b, 2, 2 * b), dim=-1)
+        idx = torch.arange(b, device=u.device)
+        target = torch.stack([idx + b, idx], dim=1)
+        rows = (diag[:, None] - log_p.gather(2, target[:, :, None])[..., 0]).T.reshape(-1)
+    return rows if symmetric else rows[:b]
+
+
+def weighted_nce(
+    z1: Tensor,
+    z2: Tensor,
+    log_w: Tensor | LogWeightBlocks,
+    temperature: float = 0.1,
+    negatives: str = "both",
+    symmetric: bool = True,
+) -> Tensor:
+    """Weighted InfoNCE (module docstring): the loss every class here computes; only ``log_w`` differs.
+
+    Args:
+        z1, z2: ``[b, d]`` unnormalised embeddings of the two views (row i of each is a positive pair).
+        log_w: ``log W``, dense ``[b, b]`` (``-inf`` = weight 0, row = anchor, column = negative) or
+            :class:`LogWeightBlocks`.
+        temperature: ``τ``.
+        negatives: ``"both"`` or ``"cross"`` (only the other view's samples are negatives).
+        symmetric: average the losses of both views' anchors (else only view 1's).
+
+    Returns:
+        scalar loss, the mean over ``2b`` (or ``b``) anchors, in the embeddings' dtype.
+    """
+    return weighted_nce_rows(z1, z2, log_w, temperature, negatives, symmetric).mean()
