@@ -70,6 +70,24 @@ def fmt_diff(a: Sequence[float], b: Sequence[float], digits: int = 2, scale: flo
     return f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
 
 
+def verdict(ours: Sequence[float], baseline: Sequence[float], *, higher_is_better: bool, claim: str) -> str:
+    """One plain sentence on whether the paired difference ``ours − baseline`` supports ``claim``.
+
+    "reproduces" needs the 95% interval to exclude 0 in the claimed direction, "contradicted" needs it to
+    exclude 0 in the other direction; anything else is "not resolved at this scale".
+    """
+    m, lo, hi = paired_diff(ours, baseline)
+    better = lo > 0 if higher_is_better else hi < 0
+    worse = hi < 0 if higher_is_better else lo > 0
+    if better:
+        word = "reproduces"
+    elif worse:
+        word = "contradicted"
+    else:
+        word = "not resolved at this scale (the 95% interval contains 0)"
+    return f"{claim}: **{word}** (paired Δ {m:+.3g}, 95% CI [{lo:+.3g}, {hi:+.3g}], {len(ours)} seeds)"
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A GitHub-flavoured markdown table."""
     lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "---|" * len(header)]
