@@ -17,6 +17,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -40,6 +41,11 @@ def _out(msg: str, err: bool = False) -> None:
 
 def _available_papers() -> list[str]:
     return [name for name, mod in PAPERS.items() if importlib.util.find_spec(mod) is not None]
+
+
+def _rank() -> int:
+    """This process's rank under torchrun (0 otherwise)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
@@ -102,7 +108,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from clusterformers.experiments.single import train_lm, train_vit
 
     result = train_vit(args) if args.model == "vit" else train_lm(args)
-    _out(json.dumps(result, indent=1))
+    if _rank() == 0:
+        _out(json.dumps(result, indent=1))
     return 0
 
 
@@ -152,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    level = logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level if _rank() == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return args.func(args)
