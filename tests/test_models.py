@@ -161,7 +161,7 @@ def test_build_ffn() -> None:
     mlp = build_ffn("dense", 8, 12, 0, bias=False)
     assert isinstance(mlp, Mlp) and mlp.fc1.bias is None and mlp.fc1.out_features == 12
     with pytest.raises(ValueError, match="ffn must be one of"):
-        build_ffn("moe", 8, 12, 3)
+        build_ffn("mixture", 8, 12, 3)
     with pytest.raises(ValueError, match="unknown keys"):
         build_ffn("dense", 8, 12, 0, experts=4)
     with pytest.raises(ValueError, match="ffn must be one of"):

@@ -165,8 +165,10 @@ def run_vit_cell(study: VitStudy, variant: str, seed: int, run_dir: Path, device
     """Train one (variant, seed) ViT and evaluate it; returns a JSON-able dict."""
     x_tr, y_tr, x_te, y_te = mnist5k_split(data_path, seed=0)
     x_tr = torch.from_numpy(x_tr).float().div(255).unsqueeze(1)
-    x_te = torch.from_numpy(x_te).float().div(255).unsqueeze(1)[: study.eval_images]
-    y_tr, y_te = torch.from_numpy(y_tr), torch.from_numpy(y_te)[: study.eval_images]
+    # The split keeps the file's label-sorted order: a fixed shuffle makes any prefix class-balanced.
+    order = torch.randperm(len(y_te), generator=torch.Generator().manual_seed(0))[: study.eval_images]
+    x_te = torch.from_numpy(x_te).float().div(255).unsqueeze(1)[order]
+    y_tr, y_te = torch.from_numpy(y_tr), torch.from_numpy(y_te)[order]
     torch.manual_seed(seed)
     model = _vit_model(study, variant)
     if variant == "random-M":

@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from clusterformers.attention import EllipticalAttention, MultiheadAttention
-from clusterformers.models.ffn import Mlp, build_ffn
+from clusterformers.models.ffn import FFN_KINDS, Mlp, build_ffn, resolve_moe_layers
+from clusterformers.moe import MoE, RoutingChain, SoftMoE
 
 ATTENTION_KINDS = ("softmax", "elliptical")
 
@@ -51,7 +52,8 @@ class Block(nn.Module):
         estimator: metric estimator of an elliptical block (see ``clusterformers.attention``).
         metric_grad: backpropagate through the elliptical metric (see ``set_metric_grad``).
         mlp: the FFN, any module mapping ``[B, N, dim] -> Tensor [B, N, dim]`` (e.g. an MoE layer);
-            default a dense GELU :class:`Mlp`.
+            default a dense GELU :class:`Mlp`. An ``MoE``/``SoftMoE`` also gets ``key_padding_mask`` as its
+            ``token_mask``, so padding stays out of its routing statistics and aux losses.
 
     ``forward(x [B, N, dim], key_padding_mask=None (bool [B, N], True = keep), v_prev=None [B, H, N, D])``
     returns ``(x [B, N, dim], v [B, H, N, D])``, ``v`` being this block's attention values.
@@ -94,7 +96,12 @@ class Block(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         out, v = self.attn(self.norm1(x), key_padding_mask=key_padding_mask, v_prev=v_prev)
         x = x + self.drop(out)
-        x = x + self.drop(self.mlp(self.norm2(x)))
+        h = self.norm2(x)
+        if key_padding_mask is not None and isinstance(self.mlp, (MoE, SoftMoE)):
+            y = self.mlp(h, token_mask=key_padding_mask)
+        else:
+            y = self.mlp(h)
+        x = x + self.drop(y)
         return x, v
 
 
@@ -136,13 +143,15 @@ def build_blocks(
     elliptical_layers: Iterable[int] | None = None,
     ffn: str = "dense",
     ffn_kwargs: dict[str, Any] | None = None,
+    chain: RoutingChain | None = None,
 ) -> tuple[nn.ModuleList, tuple[int, ...]]:
     """The stack factory: ``depth`` :class:`Block` s and the layers that receive ``v_prev``.
 
     With ``attention="elliptical"`` the blocks listed in ``elliptical_layers`` (default ``1..depth-1``) get
     an :class:`EllipticalAttention`, the others a :class:`MultiheadAttention` (same parameter names). With
     ``attention="softmax"`` every block is plain and the returned layer tuple is empty. Each FFN comes from
-    ``build_ffn(ffn, dim, int(dim · mlp_ratio), i, **ffn_kwargs)``.
+    ``build_ffn(ffn, dim, int(dim · mlp_ratio), i, chain=chain, **ffn_kwargs)``, in block order, so the
+    MoE layers register on ``chain`` in execution order (the model resets the chain in its forward).
 
     Returns:
         ``(blocks, elliptical_layers)``; run them with :func:`forward_blocks`.
@@ -152,6 +161,8 @@ def build_blocks(
     if not mlp_ratio > 0:
         raise ValueError(f"mlp_ratio must be > 0, got {mlp_ratio}")
     layers = resolve_elliptical_layers(depth, elliptical_layers)
+    if ffn in FFN_KINDS and ffn != "dense":
+        resolve_moe_layers((ffn_kwargs or {}).get("moe_layers"), depth)
     if attention == "softmax":
         layers = ()
     hidden = int(dim * mlp_ratio)
@@ -164,7 +175,7 @@ def build_blocks(
             causal=causal,
             attention="elliptical" if i in layers else "softmax",
             estimator=estimator,
-            mlp=build_ffn(ffn, dim, hidden, i, **(ffn_kwargs or {})),
+            mlp=build_ffn(ffn, dim, hidden, i, chain=chain, **(ffn_kwargs or {})),
         )
         for i in range(depth)
     )
@@ -214,7 +225,8 @@ def init_block_weights(blocks: Iterable[nn.Module], depth: int, std: float = 0.0
 
 @dataclass
 class TransformerLMConfig:
-    """Causal language model. ``ffn``/``ffn_kwargs`` select the FFN through ``models.ffn.build_ffn``."""
+    """Causal language model. ``ffn``/``ffn_kwargs`` select the FFN through ``models.ffn.build_ffn``
+    (``"dense"``, ``"moe"`` with any router, ``"softmoe"``; ``ffn_kwargs["moe_layers"]`` picks the blocks)."""
 
     vocab_size: int
     context: int
@@ -246,12 +258,14 @@ class TransformerLM(nn.Module):
 
     ``forward(idx [B, N] long, key_padding_mask=None (bool [B, N], True = keep; right padding)) ->
     logits [B, N, vocab_size]``. With ``tie_weights`` the head shares the token embedding matrix
-    (``head.weight is tok_emb.weight``).
+    (``head.weight is tok_emb.weight``). MoE FFNs thread their routing state through ``self.chain``
+    (reset at the start of every forward), across interleaved dense blocks too.
     """
 
     def __init__(self, cfg: TransformerLMConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.chain = RoutingChain()
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos_emb = nn.Embedding(cfg.context, cfg.dim)
         self.drop = nn.Dropout(cfg.dropout)
@@ -267,6 +281,7 @@ class TransformerLM(nn.Module):
             elliptical_layers=cfg.elliptical_layers,
             ffn=cfg.ffn,
             ffn_kwargs=cfg.ffn_kwargs,
+            chain=self.chain,
         )
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
@@ -294,6 +309,7 @@ class TransformerLM(nn.Module):
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= self.cfg.vocab_size:
             raise ValueError(f"token ids must lie in 0..{self.cfg.vocab_size - 1}, got min {lo}, max {hi}")
+        self.chain.reset()
         pos = torch.arange(n, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
         x = forward_blocks(self.blocks, x, self.elliptical_layers, key_padding_mask)

@@ -14,13 +14,19 @@ import torch
 from torch import Tensor, nn
 
 from clusterformers.models.transformer import build_blocks, forward_blocks, init_block_weights
+from clusterformers.moe import RoutingChain
 
 __all__ = ["ViT", "ViTConfig"]
 
 
 @dataclass
 class ViTConfig:
-    """ViT classifier. ``mean``/``std``: pixel normalisation (a float, or one value per channel)."""
+    """ViT classifier. ``mean``/``std``: pixel normalisation (a float, or one value per channel).
+
+    ``ffn``/``ffn_kwargs`` select the FFN (``models.ffn.build_ffn``): e.g. ``ffn="moe"``,
+    ``ffn_kwargs={"router": "ac", "moe_layers": [1, 2, 3]}`` puts MoE layers in blocks 2-4 (1-based), whose
+    AC router is adaptive in blocks 3-4 (the first MoE layer has no previous routing state).
+    """
 
     image_size: int = 28
     patch_size: int = 7
@@ -75,12 +81,14 @@ class ViT(nn.Module):
     ``forward(x [B, C, H, W] with pixels in [0, 1]) -> logits [B, num_classes]``. The model subtracts
     ``mean`` and divides by ``std`` itself. Blocks are non-causal; with ``attention="elliptical"`` the
     blocks in ``elliptical_layers`` (default all but the first) estimate their metric from the previous
-    block's values.
+    block's values. MoE FFNs thread their routing state (over all ``B · (1 + num_patches)`` tokens) through
+    ``self.chain``, reset at the start of every forward.
     """
 
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
         self.cfg = cfg
+        self.chain = RoutingChain()
         self.register_buffer("pixel_mean", _channel_buffer(cfg.mean, cfg.in_chans), persistent=False)
         self.register_buffer("pixel_std", _channel_buffer(cfg.std, cfg.in_chans), persistent=False)
         self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
@@ -99,6 +107,7 @@ class ViT(nn.Module):
             elliptical_layers=cfg.elliptical_layers,
             ffn=cfg.ffn,
             ffn_kwargs=cfg.ffn_kwargs,
+            chain=self.chain,
         )
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
@@ -120,6 +129,7 @@ class ViT(nn.Module):
             raise ValueError(f"x must be [B, {', '.join(map(str, expected))}], got {list(getattr(x, 'shape', []))}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point image tensor with pixels in [0, 1], got {x.dtype}")
+        self.chain.reset()
         x = (x - self.pixel_mean) / self.pixel_std
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # [B, P, dim]
         tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
