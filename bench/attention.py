@@ -15,30 +15,18 @@ Run ``python bench/attention.py [--quick] [--device cpu|cuda|auto] [--threads T]
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
 import statistics
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import device_of, record, time_fn  # bench/common.py: the script's folder is on sys.path
 from torch import Tensor
 
 from clusterformers.attention import EllipticalAttention, MultiheadAttention, elliptical_metric
-
-
-def _load_common():  # bench/ is not a package; `clusterformers bench` imports these files by path
-    spec = importlib.util.spec_from_file_location("_bench_common", Path(__file__).with_name("common.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_common = _load_common()
-device_of, record, time_fn = _common.device_of, _common.record, _common.time_fn
 
 B, H, D = 8, 8, 64
 TARGET_OVERHEAD = 1.15  # elliptical / plain, at core and module level (paper: near-baseline time)

@@ -17,23 +17,12 @@ Run ``python bench/contrastive.py [--quick] [--device cpu|cuda|auto] [--threads 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
+from common import device_of, record, time_fn  # bench/common.py: the script's folder is on sys.path
 
 from clusterformers.contrastive.cost import loss_step, make_loss, peak_bytes
-
-
-def _load_common():  # bench/ is not a package; `clusterformers bench` imports these files by path
-    spec = importlib.util.spec_from_file_location("_bench_common", Path(__file__).with_name("common.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_common = _load_common()
 
 DIM, SENSITIVE_DIM = 128, 3
 COMPARISONS = (
@@ -48,7 +37,7 @@ _NAMES = {"fare": "FARELoss", "cclk": "CCLKLoss", "sparse_fare": "SparseFARELoss
 
 def run(quick: bool = False, device: str = "auto") -> list[dict]:
     """One record per comparison (``bench/common.py`` ``record``) with peak memory of both sides."""
-    dev = _common.device_of(device)
+    dev = device_of(device)
     if dev.type == "cuda":
         warmup, reps = (2, 5) if quick else (5, 20)
     else:
@@ -60,9 +49,9 @@ def run(quick: bool = False, device: str = "auto") -> list[dict]:
             torch.manual_seed(0)
             steps[loss] = loss_step(make_loss(loss, SENSITIVE_DIM), batch, dim=DIM, sensitive_dim=SENSITIVE_DIM,
                                     device=dev)
-        times = {loss: _common.time_fn(steps[loss], warmup=warmup, reps=reps, device=dev) for loss in (ours, base)}
+        times = {loss: time_fn(steps[loss], warmup=warmup, reps=reps, device=dev) for loss in (ours, base)}
         peaks = {loss: peak_bytes(steps[loss], dev) for loss in (ours, base)}
-        rec = _common.record(
+        rec = record(
             name, times[ours], times[base], _NAMES[base], f"b={batch} d={DIM} s={SENSITIVE_DIM} fp32",
             ours_name=_NAMES[ours], target=f"<={target}", met=times[ours] / times[base] <= target,
             ours_peak_bytes=peaks[ours], baseline_peak_bytes=peaks[base], memory_ratio=peaks[ours] / peaks[base],

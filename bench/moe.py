@@ -16,27 +16,15 @@ Run ``python bench/moe.py [--quick] [--device cpu|cuda|auto] [--threads T] [--js
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from common import device_of, record, time_fn  # bench/common.py: the script's folder is on sys.path
 
 from clusterformers.moe import MoE, Router
-
-
-def _load_common():  # bench/ is not a package; `clusterformers bench` imports these files by path
-    spec = importlib.util.spec_from_file_location("_bench_common", Path(__file__).with_name("common.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_common = _load_common()
-device_of, record, time_fn = _common.device_of, _common.record, _common.time_fn
 
 E, K, D, D_FF, T = 16, 2, 256, 512, 8192
 SHAPE = f"E={E} k={K} d={D} d_ff={D_FF} T={T}"
