@@ -77,7 +77,7 @@ class AcmoeConfig:
         lm = LmStudy(arms=arms, depth=2, dim=64, expert_hidden=128, dropout=0.0, byte_context=64, word_context=32,
                      batch_size=16, steps=100, eval_points=5, curve_tokens=4096, eval_tokens=8192, eval_batch=32,
                      max_vocab=4096, max_chars=1_000_000)
-        vit = VitStudy(arms=arms, epochs=2, lr=2e-3, warmup_epochs=0.25, eval_images=500, pgd_steps=3,
+        vit = VitStudy(arms=arms, epochs=5, lr=2e-3, warmup_epochs=0.5, eval_images=500, pgd_steps=3,
                        pgd_step_frac=0.8)
         return cls(synthetic, lm, vit, seeds=tuple(range(seeds)))
 
