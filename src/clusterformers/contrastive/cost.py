@@ -187,7 +187,7 @@ torch.manual_seed(0)
 step = loss_step(make_loss(name, s), batch, dim=dim, sensitive_dim=s)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 step()
-print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before))
+sys.stdout.write(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) + "\\n")
 """
 
 
