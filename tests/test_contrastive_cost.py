@@ -6,5 +6,5 @@ from clusterformers.contrastive.cost import maxrss_increase
 def test_maxrss_increase_grows_with_the_batch() -> None:
     small = maxrss_increase("fare", 256)
     large = maxrss_increase("fare", 2048)
-    assert small > 0
-    assert large > small  # FARE's b×b attention: 64× the entries at 8× the batch
+    assert small >= 0  # a small step may stay under the peak that importing torch already set
+    assert large > small + 50 * 2**20  # FARE's b×b attention at b=2048: well over 50 MiB above that
