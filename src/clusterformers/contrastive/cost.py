@@ -180,20 +180,36 @@ def median_time(step: Callable[[], None], device: torch.device | str, reps: int,
 _RSS_SCRIPT = """
 import json, resource, sys, torch
 from clusterformers.contrastive.cost import loss_step, make_loss
+
+
+def peak_kib():
+    # VmHWM belongs to this process's address space; ru_maxrss also counts the parent's peak at fork time.
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 name, batch, dim, s, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 if threads:
     torch.set_num_threads(threads)
 torch.manual_seed(0)
 step = loss_step(make_loss(name, s), batch, dim=dim, sensitive_dim=s)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_kib()
 step()
-sys.stdout.write(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) + "\\n")
+sys.stdout.write(json.dumps(peak_kib() - before) + "\\n")
 """
 
 
 def maxrss_increase(name: str, batch: int, *, dim: int = 128, sensitive_dim: int = 3, threads: int = 0) -> int:
-    """Increase of the peak resident set (bytes; Linux ``ru_maxrss`` KiB × 1024) over one CPU loss
-    forward+backward, run in a fresh Python process (inputs and loss built before the reading)."""
+    """Increase of the peak resident set (bytes) over one CPU loss forward+backward, run in a fresh Python
+    process (inputs and loss built before the reading).
+
+    Reads the process's own high-water mark (Linux ``VmHWM``), not ``ru_maxrss``: a child's ``ru_maxrss``
+    starts at its parent's resident size at fork, so a large parent would hide the loss's memory.
+    Elsewhere it falls back to ``ru_maxrss`` (KiB on Linux).
+    """
     args = [sys.executable, "-c", _RSS_SCRIPT, name, str(batch), str(dim), str(sensitive_dim), str(threads)]
     done = subprocess.run(args, capture_output=True, text=True, check=False)
     if done.returncode != 0:
