@@ -26,7 +26,7 @@ from clusterformers.metrics import collect_token_cosine
 from clusterformers.models.transformer import TransformerLM, TransformerLMConfig
 from clusterformers.models.vit import ViT, ViTConfig
 from clusterformers.report import Section, fmt, fmt_diff, line_figure, markdown_table, verdict
-from clusterformers.robust.attacks import fgsm, pgd, spsa
+from clusterformers.robust.attacks import fgsm, pgd, robust_accuracy, spsa
 from clusterformers.robust.corruptions import gaussian_noise
 from clusterformers.train import TrainConfig, resolve_device, train
 
@@ -142,25 +142,6 @@ def _vit_model(study: VitStudy, variant: str) -> ViT:
     return ViT(cfg)
 
 
-@torch.no_grad()
-def _accuracy(model: torch.nn.Module, x: Tensor, y: Tensor, device: torch.device, bs: int = 500) -> float:
-    model.eval()
-    correct = 0
-    for xb, yb in batches((x, y), bs):
-        correct += (model(xb.to(device)).argmax(-1) == yb.to(device)).sum().item()
-    return correct / x.shape[0]
-
-
-def _attacked_accuracy(model, attack, x: Tensor, y: Tensor, device: torch.device, bs: int = 250, **kw) -> float:
-    correct = 0
-    for xb, yb in batches((x, y), bs):
-        xb, yb = xb.to(device), yb.to(device)
-        adv = attack(model, xb, yb, **kw)
-        with torch.no_grad():
-            correct += (model(adv).argmax(-1) == yb).sum().item()
-    return correct / x.shape[0]
-
-
 def run_vit_cell(study: VitStudy, variant: str, seed: int, run_dir: Path, device: torch.device, data_path) -> dict:
     """Train one (variant, seed) ViT and evaluate it; returns a JSON-able dict."""
     x_tr, y_tr, x_te, y_te = mnist5k_split(data_path, seed=0)
@@ -171,10 +152,6 @@ def run_vit_cell(study: VitStudy, variant: str, seed: int, run_dir: Path, device
     y_tr, y_te = torch.from_numpy(y_tr), torch.from_numpy(y_te)[order]
     torch.manual_seed(seed)
     model = _vit_model(study, variant)
-    if variant == "random-M":
-        for m in model.modules():
-            if hasattr(m, "generator"):
-                m.generator = None
     batch_fn, spe = epoch_batch_fn((x_tr, y_tr), study.batch_size, seed)
 
     def loss_fn(model, batch):
@@ -197,10 +174,12 @@ def run_vit_cell(study: VitStudy, variant: str, seed: int, run_dir: Path, device
     )
     train(model, loss_fn, batch_fn, tcfg, out_dir=run_dir, resume=(run_dir / "state.json").exists())
     model.eval()
-    result: dict = {"clean": _accuracy(model, x_te, y_te, device)}
+    result: dict = {"clean": robust_accuracy(model, (x_te, y_te), None, batch_size=500, device=device)}
     gen = torch.Generator().manual_seed(1234)
     result["noise"] = {
-        str(s): _accuracy(model, gaussian_noise(x_te, s, generator=gen), y_te, device) for s in study.noise_sigmas
+        str(s): robust_accuracy(model, (gaussian_noise(x_te, s, generator=gen), y_te), None, batch_size=500,
+                                device=device)
+        for s in study.noise_sigmas
     }
     elliptical = VARIANTS[variant][0] == "elliptical"
     modes = (False, True) if elliptical else (False,)
@@ -208,11 +187,12 @@ def run_vit_cell(study: VitStudy, variant: str, seed: int, run_dir: Path, device
         set_metric_grad(model, grad)
         tag = "grad" if grad else "detached"
         result[f"fgsm_{tag}"] = {
-            str(e): _attacked_accuracy(model, fgsm, x_te, y_te, device, eps=e / 255) for e in study.attack_eps
+            str(e): robust_accuracy(model, (x_te, y_te), fgsm, batch_size=250, device=device, eps=e / 255)
+            for e in study.attack_eps
         }
         result[f"pgd_{tag}"] = {
-            str(e): _attacked_accuracy(
-                model, pgd, x_te, y_te, device, eps=e / 255, steps=study.pgd_steps,
+            str(e): robust_accuracy(
+                model, (x_te, y_te), pgd, batch_size=250, device=device, eps=e / 255, steps=study.pgd_steps,
                 generator=torch.Generator(device=device).manual_seed(seed),
             )
             for e in study.attack_eps
@@ -221,8 +201,9 @@ def run_vit_cell(study: VitStudy, variant: str, seed: int, run_dir: Path, device
     if not elliptical:
         result["fgsm_grad"], result["pgd_grad"] = result["fgsm_detached"], result["pgd_detached"]
     xs, ys = x_te[: study.spsa_images], y_te[: study.spsa_images]
-    result["spsa"] = _attacked_accuracy(
-        model, spsa, xs, ys, device, eps=8 / 255, iters=study.spsa_iters, samples=study.spsa_samples,
+    result["spsa"] = robust_accuracy(
+        model, (xs, ys), spsa, batch_size=250, device=device, eps=8 / 255, iters=study.spsa_iters,
+        samples=study.spsa_samples,
         generator=torch.Generator(device=device).manual_seed(seed),
     )
     result["token_cosine"] = collect_token_cosine(model, batches((x_te,), 250), device)
