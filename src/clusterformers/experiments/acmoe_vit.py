@@ -34,7 +34,7 @@ from clusterformers.experiments.common import batches, epoch_batch_fn
 from clusterformers.metrics import flip_rate
 from clusterformers.models.vit import ViT, ViTConfig
 from clusterformers.report import Section, fmt, fmt_diff, line_figure, markdown_table
-from clusterformers.robust.attacks import fgsm, pgd
+from clusterformers.robust.attacks import fgsm, pgd, robust_accuracy
 from clusterformers.robust.corruptions import gaussian_noise
 from clusterformers.train import TrainConfig
 
@@ -107,17 +107,6 @@ def predict(model: nn.Module, x: Tensor, bs: int, device: torch.device) -> tuple
     return torch.cat(preds), [torch.cat([r[i] for r in routes]) for i in range(len(routes[0]))]
 
 
-def attacked_accuracy(model: nn.Module, attack, x: Tensor, y: Tensor, bs: int, device: torch.device,
-                      **kw) -> float:
-    correct = 0
-    for xb, yb in batches((x, y), bs):
-        xb, yb = xb.to(device), yb.to(device)
-        adv = attack(model, xb, yb, **kw)
-        with torch.no_grad():
-            correct += int((model(adv).argmax(-1) == yb).sum())
-    return correct / x.shape[0]
-
-
 def picture_index(y: Tensor, digits: int, within: int) -> list[int]:
     """The first test image of each digit ``0..digits-1`` among the first ``within`` images."""
     return [int((y[:within] == d).nonzero()[0]) for d in range(digits) if (y[:within] == d).any()]
@@ -162,12 +151,13 @@ def run_cell(study: VitStudy, arm: str, seed: int, cell_dir: Path, device: torch
             flips = flip_rate(routes[-1].flatten(0, 1), routes_n[-1].flatten(0, 1))
             result["noise"][str(sigma)] = acc(pred_n)
             result["flip_top1"][str(sigma)], result["flip_topk"][str(sigma)] = flips
-        result["fgsm"] = {str(e): attacked_accuracy(model, fgsm, x_te, y_te, study.eval_batch, device, eps=e / 255)
+        result["fgsm"] = {str(e): robust_accuracy(model, (x_te, y_te), fgsm, batch_size=study.eval_batch,
+                                                  device=device, eps=e / 255)
                           for e in study.attack_eps}
         result["pgd"] = {
-            str(e): attacked_accuracy(model, pgd, x_te, y_te, study.eval_batch, device, eps=e / 255,
-                                      steps=study.pgd_steps, step_size=study.pgd_step_frac * e / 255,
-                                      generator=torch.Generator(device=device).manual_seed(seed))
+            str(e): robust_accuracy(model, (x_te, y_te), pgd, batch_size=study.eval_batch, device=device, eps=e / 255,
+                                    steps=study.pgd_steps, step_size=study.pgd_step_frac * e / 255,
+                                    generator=torch.Generator(device=device).manual_seed(seed))
             for e in study.attack_eps
         }
     if arm in ac_arms(study.arms):
