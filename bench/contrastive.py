@@ -5,10 +5,10 @@ d = 128 embeddings, s = 3 Gaussian sensitive attributes, float32, the same input
 - ``fare_vs_cclk`` (b = 4,096): FARE vs CCLK (fp64 kernel solve, O(b³)); target ratio <= 0.2 (FARE >= 5× faster).
 - ``sparse_fare_vs_fare`` (b = 8,192): sorted SparseFARE with ``bucket_size=64`` (n_b ∝ b, sub-quadratic) vs
   dense FARE; target ratio <= 0.5 (>= 2× faster) with a lower peak memory.
-- ``sparse_fare_nb4_vs_fare`` (b = 8,192): the same with the D7 default n_b = 4 (still quadratic, 4× fewer pairs).
+- ``sparse_fare_nb4_vs_fare`` (b = 8,192): the same with the default n_b = 4 (still quadratic, 4× fewer pairs).
 
 Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA, else the live-tensor tracker of
-``clusterformers.contrastive.cost`` (one extra call each). The E4 cost curve is
+``clusterformers.contrastive.cost`` (one extra call each). The FARE study's cost-against-batch-size curve is
 ``clusterformers.contrastive.cost.cost_curve``.
 
 Run ``python bench/contrastive.py [--quick] [--device cpu|cuda|auto] [--threads T] [--json]``.

@@ -1,8 +1,8 @@
 """MoE overhead: the AC router against StableMoE, and our dispatch against HuggingFace's Mixtral block.
 
-Two comparisons at E=16, k=2, d=256, d_ff=512, 8,192 tokens, float32 (spec §7d), median of ``reps``
-runs after warm-up (``bench/common.py`` ``time_fn``, the variants alternating run by run so that load on a
-shared machine hits all):
+Two comparisons at E=16, k=2, d=256, d_ff=512, 8,192 tokens, float32 (the sizes of the AC-MoE overhead
+study in ``docs/acmoe.md``), median of ``reps`` runs after warm-up (``bench/common.py`` ``time_fn``, the
+variants alternating run by run so that load on a shared machine hits all):
 
 - ``ac_overhead``: ``MoE(router="ac")`` with a previous routing state vs ``MoE(router="stablemoe")`` (the
   same layer with M = I), forward + backward, dropless. Target <= 1.05.

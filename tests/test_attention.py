@@ -133,7 +133,7 @@ def thread(layer_fn: Callable, layers: list[nn.Module], x: Tensor, keep: Tensor 
 def run_module(
     layer: nn.Module, x: Tensor, keep: Tensor | None, v_prev: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    return layer(x, key_padding_mask=keep, v_prev=v_prev)
+    return layer(x, key_padding_mask=keep, v_prev=v_prev, return_values=True)
 
 
 def make_stack(kind: str, depth: int = 3, dtype: torch.dtype = torch.float32, **kwargs) -> nn.ModuleList:
@@ -170,7 +170,7 @@ def test_identity_equals_sdpa(causal: bool, padded: bool) -> None:
     layer = EllipticalAttention(DIM, HEADS, causal=causal, estimator="identity").eval()
     x = torch.randn(3, N, DIM)
     keep = keep_mask("right" if causal else "mixed") if padded else None
-    out, v = layer(x, key_padding_mask=keep, v_prev=heads_of(x))
+    out, v = layer(x, key_padding_mask=keep, v_prev=heads_of(x), return_values=True)
     q, k, v_ref = layer.qkv(x).view(3, N, 3, HEADS, DIM // HEADS).permute(2, 0, 3, 1, 4)
     mask = None
     if keep is not None:
@@ -206,8 +206,8 @@ def test_layer0_is_plain_for_every_estimator(estimator: str, causal: bool) -> No
     layer = EllipticalAttention(DIM, HEADS, causal=causal, estimator=estimator, store_metric=True).eval()
     layer.load_state_dict(plain.state_dict())
     x = torch.randn(3, N, DIM)
-    out, v = layer(x)
-    out_ref, v_ref = plain(x, v_prev=heads_of(x))  # MultiheadAttention ignores v_prev
+    out, v = layer(x, return_values=True)
+    out_ref, v_ref = plain(x, v_prev=heads_of(x), return_values=True)  # MultiheadAttention ignores v_prev
     assert torch.equal(out, out_ref) and torch.equal(v, v_ref)
     assert layer.last_metric is None
     assert set(plain.state_dict()) == {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias"}
@@ -236,7 +236,7 @@ def test_fused_matches_dense_reference(
     x = torch.randn(3, N, DIM, dtype=dtype)
     v_prev = heads_of(x)
     keep = keep_mask("right" if causal else "mixed") if padded else None
-    out, v = layer(x, key_padding_mask=keep, v_prev=v_prev)
+    out, v = layer(x, key_padding_mask=keep, v_prev=v_prev, return_values=True)
     out_ref, v_ref, m_ref = ref_layer(layer, x, keep, v_prev)
     torch.testing.assert_close(out.double(), out_ref, atol=tol, rtol=0)
     torch.testing.assert_close(v.double(), v_ref, atol=tol, rtol=0)
@@ -255,7 +255,7 @@ def test_dense_reference_without_standard_scale() -> None:
     layer = EllipticalAttention(DIM, HEADS, scale=1.0).double().eval()
     x = torch.randn(2, N, DIM, dtype=torch.float64)
     v_prev = heads_of(x)
-    out, _ = layer(x, v_prev=v_prev)
+    out = layer(x, v_prev=v_prev)
     torch.testing.assert_close(out, ref_layer(layer, x, None, v_prev)[0], atol=1e-10, rtol=0)
 
 
@@ -371,7 +371,7 @@ def test_metric_grad_switch(causal: bool) -> None:
         set_metric_grad(layer, flag)
         assert layer.metric_grad is flag
         v_prev = v_prev_data.clone().requires_grad_(True)
-        out, _ = layer(x, v_prev=v_prev)
+        out = layer(x, v_prev=v_prev)
         out.pow(2).sum().backward()
         outs[flag] = out.detach()
         if flag:
@@ -458,7 +458,7 @@ def test_random_metric_reproducible() -> None:
     outs = []
     for _ in range(2):
         layer.generator = torch.Generator().manual_seed(7)
-        outs.append(layer(x, v_prev=heads_of(x))[0])
+        outs.append(layer(x, v_prev=heads_of(x)))
     assert torch.equal(outs[0], outs[1])
     assert torch.equal(layer.last_metric.amax(-1), torch.ones(2, HEADS, 1))
     assert torch.equal(elliptical_metric(v, None, estimator="identity"), torch.ones(2, 2, 1, 4))

@@ -84,7 +84,7 @@ def reference_vit_cosines(model: ViT, x: torch.Tensor) -> list[torch.Tensor]:
         h = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), h], dim=1) + model.pos_emb
         v_prev, per_layer = None, []
         for i, block in enumerate(model.blocks):
-            attn_out, v = block.attn(block.norm1(h), v_prev=v_prev if i > 0 else None)
+            attn_out, v = block.attn(block.norm1(h), v_prev=v_prev if i > 0 else None, return_values=True)
             per_layer.append(slow_token_cosine(attn_out))
             h = h + attn_out
             h = h + block.mlp(block.norm2(h))

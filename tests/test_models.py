@@ -9,14 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import clusterformers.attention as attention_module
 from clusterformers.attention import EllipticalAttention, MultiheadAttention, set_metric_grad
 from clusterformers.models.ffn import Mlp, build_ffn
 from clusterformers.models.transformer import (
     Block,
+    BlockStack,
     TransformerLM,
     TransformerLMConfig,
-    build_blocks,
-    forward_blocks,
     resolve_elliptical_layers,
 )
 from clusterformers.models.vit import ViT, ViTConfig
@@ -85,8 +85,8 @@ def test_block_matches_slow_reference(causal: bool) -> None:
     torch.manual_seed(0)
     block = Block(8, 2, mlp_ratio=2.0, causal=causal).double().eval()
     x = torch.randn(2, 5, 8, dtype=torch.float64)
-    out, v = block(x)
-    assert out.shape == (2, 5, 8) and v.shape == (2, 2, 5, 4)
+    out = block(x)
+    assert out.shape == (2, 5, 8)
     torch.testing.assert_close(out, slow_block(block, x, causal), rtol=0, atol=1e-12)
 
 
@@ -104,8 +104,8 @@ def test_block_attention_kinds_and_custom_mlp() -> None:
     torch.manual_seed(0)
     block = Block(8, 2, mlp=Doubler()).eval()
     x = torch.randn(2, 4, 8)
-    out, _ = block(x)
-    after_attn = x + block.attn(block.norm1(x))[0]
+    out = block(x)
+    after_attn = x + block.attn(block.norm1(x))
     torch.testing.assert_close(out, after_attn + 2 * block.norm2(after_attn))
     with pytest.raises(ValueError, match="attention must be one of"):
         Block(8, 2, attention="linear")
@@ -131,30 +131,54 @@ def test_resolve_elliptical_layers() -> None:
         lm("elliptical", elliptical_layers=[0, 1])
 
 
-def test_build_blocks_assigns_attention_per_layer() -> None:
-    blocks, layers = build_blocks(4, 8, 2, attention="elliptical")
-    assert layers == (1, 2, 3)
+def stack(**kw) -> BlockStack:
+    return BlockStack(TransformerLMConfig(vocab_size=5, context=8, dim=8, depth=4, num_heads=2, **kw), causal=False)
+
+
+def test_block_stack_assigns_attention_per_layer() -> None:
+    blocks = stack(attention="elliptical")
+    assert blocks.elliptical_layers == (1, 2, 3)
     assert [type(b.attn) for b in blocks] == [MultiheadAttention] + [EllipticalAttention] * 3
-    blocks, layers = build_blocks(4, 8, 2, attention="elliptical", elliptical_layers=[2])
-    assert layers == (2,) and [isinstance(b.attn, EllipticalAttention) for b in blocks] == [False, False, True, False]
-    blocks, layers = build_blocks(4, 8, 2, attention="softmax")
-    assert layers == () and all(type(b.attn) is MultiheadAttention for b in blocks)
+    blocks = stack(attention="elliptical", elliptical_layers=[2])
+    assert blocks.elliptical_layers == (2,)
+    assert [isinstance(b.attn, EllipticalAttention) for b in blocks] == [False, False, True, False]
+    blocks = stack(attention="softmax")
+    assert blocks.elliptical_layers == () and all(type(b.attn) is MultiheadAttention for b in blocks)
 
 
 @pytest.mark.parametrize("elliptical_layers", [None, [2]])
-def test_forward_blocks_threads_previous_values(elliptical_layers) -> None:
+def test_shared_state_hands_each_elliptical_layer_the_previous_values(elliptical_layers) -> None:
+    """Block i's metric uses block i-1's values: spy on the metric's arguments, and a negative control
+    (the same model without shared state computes plain attention everywhere)."""
     torch.manual_seed(0)
-    blocks, layers = build_blocks(4, 8, 2, attention="elliptical", elliptical_layers=elliptical_layers)
-    seen, returned = [], []
-    for block in blocks:
-        block.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["v_prev"]), with_kwargs=True)
-        block.register_forward_hook(lambda m, a, out: returned.append(out[1]))
-    forward_blocks(blocks, torch.randn(2, 5, 8), layers)
-    for i in range(4):
-        if i in layers:
-            assert seen[i] is returned[i - 1]
-        else:
-            assert seen[i] is None
+    model = lm("elliptical", elliptical_layers=elliptical_layers).double()
+    seen = {}
+
+    original = attention_module.elliptical_metric
+
+    def spy(v, v_prev, **kw):
+        seen[len(seen)] = v_prev
+        return original(v, v_prev, **kw)
+
+    attention_module.elliptical_metric = spy
+    try:
+        idx = torch.randint(0, VOCAB, (2, 6))
+        out = model(idx)
+    finally:
+        attention_module.elliptical_metric = original
+    layers = model.elliptical_layers
+    assert len(seen) == len(layers)
+    state = model.layer_state
+    for n, i in enumerate(layers):
+        assert seen[n] is state.read("values", i)  # the values block i-1 wrote
+    alone = lm("elliptical", elliptical_layers=elliptical_layers).double()
+    alone.load_state_dict(model.state_dict())
+    for block in alone.blocks:
+        block.attn.layer_state = None
+    softmax = lm("softmax").double()
+    softmax.load_state_dict(model.state_dict())
+    torch.testing.assert_close(alone(idx), softmax(idx), rtol=0, atol=1e-12)
+    assert (out - softmax(idx)).abs().max() > 1e-7
 
 
 def test_build_ffn() -> None:

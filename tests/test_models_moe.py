@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from clusterformers.models.ffn import FFN_KINDS, Mlp, build_ffn, resolve_ac_option
 from clusterformers.models.transformer import TransformerLM, TransformerLMConfig
 from clusterformers.models.vit import ViT, ViTConfig
-from clusterformers.moe import ACConfig, MoE, RoutingChain, SoftMoE, total_aux_loss
+from clusterformers.moe import ACConfig, MoE, SoftMoE, total_aux_loss
 from clusterformers.moe.adaptive import ACStats
 
 VOCAB, CONTEXT, DIM, E = 23, 8, 16, 4
@@ -30,7 +30,7 @@ def one_thread():
 def lm(ffn: str = "moe", depth: int = 3, **ffn_kwargs) -> TransformerLM:
     kwargs = {"num_experts": E, **ffn_kwargs}
     if ffn == "moe":
-        kwargs.setdefault("k", 2)
+        kwargs.setdefault("top_k", 2)
     cfg = TransformerLMConfig(vocab_size=VOCAB, context=CONTEXT, dim=DIM, depth=depth, num_heads=2, dropout=0.0,
                               ffn=ffn, ffn_kwargs=kwargs)
     return TransformerLM(cfg)
@@ -55,19 +55,18 @@ def tokens(b: int = 3, n: int = CONTEXT, seed: int = 0) -> torch.Tensor:
 
 def test_build_ffn_kinds_and_options() -> None:
     assert FFN_KINDS == ("dense", "moe", "softmoe")
-    chain = RoutingChain()
-    moe = build_ffn("moe", 8, 12, 0, chain=chain, num_experts=4, k=1, router="smoe", aux_coef=0.1)
-    assert isinstance(moe, MoE) and moe.num_experts == 4 and moe.k == 1 and moe.hidden == 12
-    assert moe.chain is chain and moe.chain_position == 0 and moe.aux_coef == 0.1
-    assert build_ffn("moe", 8, 12, 1, chain=chain, hidden=5).hidden == 5 and len(chain) == 2
+    moe = build_ffn("moe", 8, 12, 0, num_experts=4, top_k=1, router="smoe", aux_coef=0.1)
+    assert isinstance(moe, MoE) and moe.num_experts == 4 and moe.top_k == 1 and moe.hidden == 12
+    assert moe.aux_coef == 0.1
+    assert build_ffn("moe", 8, 12, 1, hidden=5).hidden == 5
     assert build_ffn("moe", 8, 12, 1, router="ac").router.ac == ACConfig.preset("lm")
     swin = build_ffn("moe", 8, 12, 1, router="ac", ac="swin").router
     assert swin.ac == ACConfig.preset("swin") and swin.score == "linear_nobias" and swin.gate == "softmax_all"
     var = build_ffn("moe", 8, 12, 1, router="ac", ac={"preset": "lm", "dispersion": "var"}).router
     assert var.ac == ACConfig.preset("lm", dispersion="var")
-    # dense outside moe_layers, and dense blocks do not register on the chain
-    dense = build_ffn("moe", 8, 12, 2, chain=chain, moe_layers=[0, 1])
-    assert isinstance(dense, Mlp) and dense.fc1.out_features == 12 and len(chain) == 2
+    # dense outside moe_layers
+    dense = build_ffn("moe", 8, 12, 2, moe_layers=[0, 1])
+    assert isinstance(dense, Mlp) and dense.fc1.out_features == 12
     soft = build_ffn("softmoe", 8, 12, 0, num_experts=3, slots_per_expert=2, ac="softmoe")
     assert isinstance(soft, SoftMoE) and soft.slots_per_expert == 2 and soft.ac == ACConfig.preset("softmoe")
     assert isinstance(build_ffn("softmoe", 8, 12, 0, moe_layers=[1]), Mlp)
@@ -137,7 +136,7 @@ def spy_prev(model) -> list:
         router = layer.router
         original = router.token_metric
 
-        def spy(h, prev, mask=None, _orig=original, _name=layer.chain_position):
+        def spy(h, prev, mask=None, _orig=original, _name=layer.state_position):
             seen.append((_name, prev))
             return _orig(h, prev, mask)
 
@@ -173,23 +172,24 @@ def test_vit_threads_state_and_ac_runs_from_the_second_moe_layer() -> None:
     assert [m.last_stats is not None for m in moes] == [False, True, True]
 
 
-def test_chain_is_reset_at_every_forward() -> None:
+def test_state_is_reset_at_every_forward() -> None:
     torch.manual_seed(4)
     model = lm(router="ac").eval()
     first = moe_layers(model)[0]
     states_at_start = []
-    first.register_forward_pre_hook(lambda m, a: states_at_start.append(dict(model.chain._states)))
+    first.register_forward_pre_hook(lambda m, a: states_at_start.append(first.read_state()))
     model(tokens(3))
     # a batch with another token count: a stale state would raise "reset the routing state"
     out = model(tokens(2, 5))
     assert out.shape == (2, 5, VOCAB)
-    assert states_at_start == [{}, {}]
-    assert model.chain.read(len(model.chain)).num_tokens == 10
+    assert states_at_start == [None, None]
+    last = len(model.layer_state.layers("routing"))
+    assert model.layer_state.read("routing", last).num_tokens == 10
 
 
 def test_padding_mask_reaches_the_moe_statistics() -> None:
     torch.manual_seed(5)
-    model = lm(router="ac").eval()
+    model = lm(router="ac").train()  # training computes the batch's cluster counts
     x = tokens(2)
     mask = torch.ones(2, CONTEXT, dtype=torch.bool)
     mask[1, 5:] = False
@@ -207,7 +207,7 @@ def force_unit_metric(model) -> None:
     for layer in moe_layers(model):
         metric = layer.router.metric
 
-        def ones(h, indices, weights, token_mask=None, _e=metric.num_experts):
+        def ones(h, indices, weights, key_padding_mask=None, _e=metric.num_experts):
             m = torch.ones(h.shape, dtype=torch.promote_types(h.dtype, torch.float32))
             return m, ACStats(torch.ones(_e, h.shape[1]), torch.ones(_e, dtype=torch.bool), None)
 
@@ -216,7 +216,7 @@ def force_unit_metric(model) -> None:
 
 def test_ac_model_with_unit_metric_equals_stablemoe_model() -> None:
     torch.manual_seed(6)
-    ac = lm(router="ac", moe_layers=[0, 2]).double()
+    ac = lm(router="ac", ac={"preset": "lm", "stats": "batch"}, moe_layers=[0, 2]).double()
     stable = lm(router="stablemoe", moe_layers=[0, 2]).double()
     stable.load_state_dict(ac.state_dict())  # same parameter names: the routers differ only in M
     x = tokens()

@@ -156,10 +156,10 @@ def test_mask_invalid_false_reproduces_reference_formula():
     assert not torch.allclose(adaptive_metric(h, c, 5)[0], m[0])
 
 
-def test_token_mask_equals_dropping_the_tokens():
+def test_key_padding_mask_equals_dropping_the_tokens():
     h, c = make_data(T=30, seed=5)
     keep = torch.rand(30, generator=torch.Generator().manual_seed(0)) > 0.3
-    torch.testing.assert_close(adaptive_metric(h, c, 4, token_mask=keep), adaptive_metric(h[keep], c[keep], 4))
+    torch.testing.assert_close(adaptive_metric(h, c, 4, key_padding_mask=keep), adaptive_metric(h[keep], c[keep], 4))
 
 
 def test_mixing():
@@ -198,6 +198,7 @@ def test_batch_and_ema_statistics():
     slow = AdaptiveMetric(4, 5, ACConfig(stats="ema")).double()
     slow(h1, c1[:, None], w)
     slow(h2, c2[:, None], w)
+    slow.commit()  # a forward folds in the previous forward's batch; commit() the last one
     s1, _ = cluster_dispersion(h1, c1, 4)
     s2, _ = cluster_dispersion(h2, c2, 4)
     torch.testing.assert_close(slow.running_dispersion, 0.9 * s1 + 0.1 * s2)
@@ -271,7 +272,7 @@ def _sync_worker(rank: int, world: int, init: str, out_dir: str) -> None:
         h, c = make_data(T=40, d=5, E=4, seed=13)
         keep = torch.arange(40) % 7 != 0
         part = slice(rank * 20, rank * 20 + 20)
-        m = adaptive_metric(h[part], c[part], 4, token_mask=keep[part], sync_stats=True, tau=1.5, norm="global")
+        m = adaptive_metric(h[part], c[part], 4, key_padding_mask=keep[part], sync_stats=True, tau=1.5, norm="global")
         torch.save(m, f"{out_dir}/m{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -281,8 +282,8 @@ def test_sync_stats_on_two_gloo_ranks_gives_the_concatenated_batch(tmp_path):
     mp.spawn(_sync_worker, args=(2, f"file://{tmp_path}/init", str(tmp_path)), nprocs=2, join=True)
     h, c = make_data(T=40, d=5, E=4, seed=13)
     keep = torch.arange(40) % 7 != 0
-    full = adaptive_metric(h, c, 4, token_mask=keep, tau=1.5, norm="global")
-    local = adaptive_metric(h[:20], c[:20], 4, token_mask=keep[:20], tau=1.5, norm="global")
+    full = adaptive_metric(h, c, 4, key_padding_mask=keep, tau=1.5, norm="global")
+    local = adaptive_metric(h[:20], c[:20], 4, key_padding_mask=keep[:20], tau=1.5, norm="global")
     for rank in range(2):
         m = torch.load(tmp_path / f"m{rank}.pt")
         torch.testing.assert_close(m, full)

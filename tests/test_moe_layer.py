@@ -1,5 +1,5 @@
-"""MoE layer: fast dispatch against slow per-token loops and a slow queue simulation (spec §5, oracle 8),
-the routing chain, aux losses and bad inputs."""
+"""MoE layer: fast dispatch against slow per-token loops and a slow queue simulation, the shared routing
+state (with activation checkpointing), aux losses and bad inputs."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from torch.utils.checkpoint import checkpoint
 from clusterformers.moe import (
     ACConfig,
     MoE,
-    RoutingChain,
     RoutingState,
     TopKRouter,
     adaptive_metric,
@@ -22,6 +21,7 @@ from clusterformers.moe import (
     router_z_loss,
     total_aux_loss,
 )
+from clusterformers.state import share_state
 
 D, E, K, H = 6, 4, 2, 5
 
@@ -49,7 +49,7 @@ def slow_dropless(moe, x2, prev=None):
     rows = []
     for i in range(x2.shape[0]):
         acc = torch.zeros(D, dtype=x2.dtype)
-        for j in range(moe.k):
+        for j in range(moe.top_k):
             acc = acc + out.weights[i, j] * expert_ref(moe, int(out.indices[i, j]), u[i])
         rows.append(acc)
     return torch.stack(rows)
@@ -59,7 +59,7 @@ def slow_capacity(moe, x2, prev=None, mask=None):
     out, u = route_ref(moe, x2, prev, mask)
     weights = out.weights.detach()
     T = x2.shape[0]
-    C = math.ceil(moe.capacity_factor * moe.k * T / moe.num_experts)
+    C = math.ceil(moe.capacity_factor * moe.top_k * T / moe.num_experts)
     if moe.priority == "slot":
         order = list(range(T))
     else:
@@ -67,7 +67,7 @@ def slow_capacity(moe, x2, prev=None, mask=None):
     fill = [0] * moe.num_experts
     rows = [torch.zeros(D, dtype=x2.dtype) for _ in range(T)]
     dropped = 0
-    for j in range(moe.k):
+    for j in range(moe.top_k):
         for i in order:
             if mask is not None and not bool(mask[i]):
                 continue
@@ -134,7 +134,7 @@ def test_capacity_equals_slow_queue_simulation(priority, masked):
     x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
     prev = prev_state(T, seed=2)
     mask = torch.arange(T) % 5 != 1 if masked else None
-    y = moe(x, prev, token_mask=mask)
+    y = moe(x, prev, key_padding_mask=mask)
     g_fast = grads(moe, x, y)
     y_slow, dropped = slow_capacity(moe, x, prev, mask)
     assert dropped > 0
@@ -154,19 +154,18 @@ def test_large_capacity_equals_dropless():
 
 
 class Net(nn.Module):
-    """A model that threads routing state through a RoutingChain (a dense layer sits between MoEs)."""
+    """A model whose MoE layers share one LayerState (a dense layer sits between MoEs)."""
 
-    def __init__(self, use_checkpoint=False):
+    def __init__(self, use_checkpoint=False, stats="ema"):
         super().__init__()
-        self.chain = RoutingChain()
-        self.moe1 = MoE(D, E, K, H, router="stablemoe", chain=self.chain)
+        self.moe1 = MoE(D, E, K, H, router="stablemoe")
         self.dense = nn.Linear(D, D)
-        self.moe2 = MoE(D, E, K, H, router="ac", chain=self.chain)
-        self.moe3 = MoE(D, E, K, H, router="ac", ac="swin", chain=self.chain)
+        self.moe2 = MoE(D, E, K, H, router="ac", ac=ACConfig.preset("lm", stats=stats))
+        self.moe3 = MoE(D, E, K, H, router="ac", ac=ACConfig.preset("swin", stats=stats))
         self.use_checkpoint = use_checkpoint
+        share_state(self)
 
     def forward(self, x):
-        self.chain.reset()
         x = x + self.moe1(x)
         x = x + self.dense(x)
         for layer in (self.moe2, self.moe3):
@@ -174,10 +173,10 @@ class Net(nn.Module):
         return x
 
 
-def test_routing_chain_threads_the_nearest_earlier_state():
+def test_shared_state_threads_the_nearest_earlier_routing():
     torch.manual_seed(3)
     net = Net().double()
-    assert [net.moe1.chain_position, net.moe2.chain_position, net.moe3.chain_position] == [0, 1, 2]
+    assert [net.moe1.state_position, net.moe2.state_position, net.moe3.state_position] == [0, 1, 2]
     x = torch.randn(2, 8, D, dtype=torch.float64)
     y = net(x)
     # the same computation with explicit prev=
@@ -188,38 +187,56 @@ def test_routing_chain_threads_the_nearest_earlier_state():
     h = h + net.moe3(h, prev=net.moe2.last_state)
     torch.testing.assert_close(y, h)
     assert net.moe2.last_stats is not None and net.moe1.last_stats is None
+    # negative control: without the shared state every layer routes plainly, and the output differs
+    alone = Net().double()
+    alone.load_state_dict(net.state_dict())
+    for layer in (alone.moe1, alone.moe2, alone.moe3):
+        layer.layer_state = None
+    assert alone.moe2.last_stats is None and (alone(x) - y).abs().max() > 1e-6
     # a layer that did not run is skipped: moe3 then reads moe1's state
-    net.chain.reset()
+    state = net.layer_state
+    state.reset()
     net.moe1(x)
-    assert net.chain.read(2) is net.moe1.last_state and net.chain.read(0) is None
+    assert state.read("routing", 2) is net.moe1.last_state and state.read("routing", 0) is None
     with pytest.raises(ValueError, match="position"):
-        net.chain.write(3, s1)
+        state.write("routing", 3, s1)
 
 
-def test_routing_chain_under_activation_checkpointing():
+@pytest.mark.parametrize("stats", ["batch", "ema", "running"])
+def test_shared_state_under_activation_checkpointing(stats):
+    """Gradients and running statistics are those of the plain net, also when the running statistics
+    route (recomputation must see the values of the first pass, not ones it has just updated)."""
     torch.manual_seed(4)
-    plain, ckpt = Net().double(), Net(use_checkpoint=True).double()
+    plain, ckpt = Net(stats=stats).double(), Net(use_checkpoint=True, stats=stats).double()
     ckpt.load_state_dict(plain.state_dict())
-    x = torch.randn(2, 8, D, dtype=torch.float64)
-    for net in (plain, ckpt):
-        net(x).square().sum().backward()
-    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
-        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    for step in range(3):
+        x = torch.randn(2, 8, D, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+        for net in (plain, ckpt):
+            net.zero_grad()
+            net(x).square().sum().backward()
+        for (name, p), q in zip(plain.named_parameters(), ckpt.parameters(), strict=True):
+            torch.testing.assert_close(p.grad, q.grad, msg=name)
+    for (name, b), c in zip(plain.named_buffers(), ckpt.buffers(), strict=True):
+        torch.testing.assert_close(b, c, msg=name)
+    if stats != "batch":
+        assert plain.moe2.router.metric.running_seen.any()
 
 
-def test_token_count_change_raises_and_token_mask_keeps_padding_out_of_statistics():
+def test_token_count_change_raises_and_key_padding_mask_keeps_padding_out_of_statistics():
     torch.manual_seed(5)
-    chain = RoutingChain()
-    first, second = MoE(D, E, K, H, chain=chain), MoE(D, E, K, H, router="ac", chain=chain)
+    first, second = MoE(D, E, K, H), MoE(D, E, K, H, router="ac")
+    share_state(nn.Sequential(first, second))
     first(torch.randn(10, D))
     with pytest.raises(ValueError, match="prev: .*num_tokens=10"):
         second(torch.randn(6, D))
     x = torch.randn(2, 5, D)
     mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
     first(x)
-    second(x, token_mask=mask)
-    expected = adaptive_metric(x.reshape(-1, D), first.last_state.indices[:, 0], E, token_mask=mask.reshape(-1))
+    second(x, key_padding_mask=mask)
+    expected = adaptive_metric(x.reshape(-1, D), first.last_state.indices[:, 0], E, key_padding_mask=mask.reshape(-1))
     torch.testing.assert_close(second.last_stats.metric, expected)
+    with pytest.raises(TypeError, match="key_padding_mask: expected a bool tensor"):
+        second(x, key_padding_mask=mask.float())
 
 
 def test_aux_losses_and_total():
@@ -235,7 +252,7 @@ def test_aux_losses_and_total():
     model(x)
     torch.testing.assert_close(total_aux_loss(model), model[0].aux_loss + model[1].aux_loss)
     mask = torch.arange(12) < 7
-    _, aux_masked = model[0](x, token_mask=mask, return_aux=True)
+    _, aux_masked = model[0](x, key_padding_mask=mask, return_aux=True)
     logits = model[0].last_router_logits
     torch.testing.assert_close(
         aux_masked, 0.01 * load_balancing_loss(logits[:7], E, K) + 0.001 * router_z_loss(logits[:7])

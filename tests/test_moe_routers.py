@@ -51,9 +51,9 @@ def test_metric_of_ones_gives_stablemoe_exactly():
     ac_router, stable = paired()
     h, prev = data()
     # every cluster invalid (all tokens masked out of the statistics): m = 1
-    out = ac_router(h, prev, token_mask=torch.zeros(T, dtype=torch.bool))
+    out = ac_router(h, prev, key_padding_mask=torch.zeros(T, dtype=torch.bool))
     assert torch.equal(
-        adaptive_metric(h, prev.indices[:, 0], E, token_mask=torch.zeros(T, dtype=torch.bool)), torch.ones(E, D)
+        adaptive_metric(h, prev.indices[:, 0], E, key_padding_mask=torch.zeros(T, dtype=torch.bool)), torch.ones(E, D)
     )
     assert_same(out, stable(h))
     # all singletons (T <= E): m = 1 too
@@ -208,8 +208,8 @@ def test_bad_inputs_raise_value_errors_naming_the_argument():
         router(h, RoutingState(idx, torch.ones(4, 2) / 2, 4, 8))
     with pytest.raises(ValueError, match="prev: .*num_tokens=3"):
         router(h, RoutingState(idx[:3], torch.ones(3, 2) / 2, 3, E))
-    with pytest.raises(ValueError, match="token_mask"):
-        router(h, token_mask=torch.ones(5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        router(h, key_padding_mask=torch.ones(5, dtype=torch.bool))
     mixer = ACRouter(D, E, K, ACConfig.preset("lm", mix=3))
     with pytest.raises(ValueError, match="prev: mix=3"):
         mixer(h, RoutingState(idx, torch.ones(4, 2) / 2, 4, E))

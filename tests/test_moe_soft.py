@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from clusterformers.moe import ACConfig, RoutingChain, RoutingState, SoftMoE, adaptive_metric
+from clusterformers.moe import ACConfig, RoutingState, SoftMoE, adaptive_metric
+from clusterformers.state import share_state
 
 D, E, P, H = 6, 3, 2, 5
 
@@ -25,7 +27,7 @@ def slow_soft(moe, x, prev=None, mask=None):
             tau=cfg.tau,
             norm=cfg.norm,
             global_ref=cfg.global_ref,
-            token_mask=None if mask is None else mask.reshape(-1),
+            key_padding_mask=None if mask is None else mask.reshape(-1),
         )
         kk = cfg.mix or 1
         rows = []
@@ -84,19 +86,19 @@ def test_state_is_topk_slots_mapped_to_experts():
 @pytest.mark.parametrize("mix", [None, 1, 3])
 def test_ac_soft_moe_equals_slow_loop(mix):
     torch.manual_seed(2)
-    chain = RoutingChain()
-    first = SoftMoE(D, E, P, H, chain=chain, state_k=4).double()
-    second = SoftMoE(D, E, P, H, ac=ACConfig.preset("softmoe", mix=mix, eps=0.05), chain=chain).double()
+    first = SoftMoE(D, E, P, H, state_k=4).double()
+    second = SoftMoE(D, E, P, H, ac=ACConfig.preset("softmoe", mix=mix, eps=0.05)).double()
+    model = nn.Sequential(first, second)
+    share_state(model)
     x = torch.randn(2, 6, D, dtype=torch.float64)
-    chain.reset()
-    y = second(first(x))
+    y = model(x)
     assert second.last_stats is not None
     torch.testing.assert_close(y, slow_soft(second, first(x), prev=first.last_state))
     # the metric changes the output
     assert not torch.allclose(y, slow_soft(second, first(x)))
 
 
-def test_token_mask_keeps_padding_out_of_slots_and_statistics():
+def test_key_padding_mask_keeps_padding_out_of_slots_and_statistics():
     torch.manual_seed(3)
     first = SoftMoE(D, E, P, H, state_k=3).double()
     moe = SoftMoE(D, E, P, H, ac=ACConfig.preset("softmoe", mix=3)).double()
@@ -104,11 +106,11 @@ def test_token_mask_keeps_padding_out_of_slots_and_statistics():
     mask = torch.tensor([[True, True, True, False, False], [True] * 5])
     first(x)
     prev = first.last_state
-    y = moe(x, prev, token_mask=mask)
+    y = moe(x, prev, key_padding_mask=mask)
     torch.testing.assert_close(y, slow_soft(moe, x, prev, mask))
     x2 = x.clone()
     x2[0, 3:] = torch.randn(2, D, dtype=torch.float64)
-    y2 = moe(x2, prev, token_mask=mask)
+    y2 = moe(x2, prev, key_padding_mask=mask)
     torch.testing.assert_close(y2[mask], y[mask])
 
 
@@ -118,8 +120,8 @@ def test_bad_inputs():
         moe(torch.randn(5, D))
     with pytest.raises(ValueError, match="x: expected"):
         moe(torch.randn(2, 0, D))
-    with pytest.raises(ValueError, match="token_mask"):
-        moe(torch.randn(2, 4, D), token_mask=torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        moe(torch.randn(2, 4, D), key_padding_mask=torch.ones(2, 5, dtype=torch.bool))
     bad = torch.randn(2, 4, D)
     bad[0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="x: expected finite"):

@@ -6,6 +6,7 @@ subpackages ``attention``, ``moe`` and ``contrastive`` hold the rest.
 
 from clusterformers.attention import (
     EllipticalAttention,
+    KVCache,
     MultiheadAttention,
     elliptical_metric,
     padding_mask_from_lengths,
@@ -23,7 +24,6 @@ from clusterformers.moe import (
     ACRouter,
     MoE,
     Router,
-    RoutingChain,
     SoftMoE,
     StableMoERouter,
     TopKRouter,
@@ -32,6 +32,7 @@ from clusterformers.moe import (
     router_z_loss,
     total_aux_loss,
 )
+from clusterformers.state import LayerState, share_state
 
 __all__ = [
     "ACConfig",
@@ -41,10 +42,11 @@ __all__ = [
     "FARELoss",
     "FairInfoNCELoss",
     "InfoNCELoss",
+    "KVCache",
+    "LayerState",
     "MoE",
     "MultiheadAttention",
     "Router",
-    "RoutingChain",
     "SoftMoE",
     "SparseFARELoss",
     "StableMoERouter",
@@ -55,6 +57,7 @@ __all__ = [
     "padding_mask_from_lengths",
     "router_z_loss",
     "set_metric_grad",
+    "share_state",
     "total_aux_loss",
 ]
 __version__ = "0.1.0"

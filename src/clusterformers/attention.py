@@ -2,8 +2,12 @@
 
 Elliptical Attention (Nielsen et al., NeurIPS 2024) replaces the dot-product kernel ``q·k/√D`` by a
 Mahalanobis one, ``q diag(m) kᵀ/√D``, with ``m`` estimated, without parameters, from how the values of a
-head change between consecutive layers (see ``shared/specs/elliptical.md``). A diagonal ``m`` only rescales
-the queries, so both modules call the fused ``F.scaled_dot_product_attention`` on ``q ⊙ m``.
+head change between consecutive layers (the paper's Eq. 10-11; ``docs/elliptical.md``). A diagonal ``m``
+only rescales the queries, so both modules call the fused ``F.scaled_dot_product_attention`` on ``q ⊙ m``.
+
+Both modules return a Tensor, like any attention layer. The values a later elliptical layer needs flow
+through the model's shared :class:`~clusterformers.state.LayerState` (see
+:func:`clusterformers.share_state`), or by hand with ``return_values=True`` and ``v_prev=``.
 
 Masks follow ``F.scaled_dot_product_attention``: ``key_padding_mask`` is bool ``[B, N]`` with
 **True = keep** (a real token) and False = padding, the opposite of ``torch.nn.MultiheadAttention``.
@@ -14,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from clusterformers.state import StatefulLayer
 
 ESTIMATORS = ("mean", "median", "identity", "random", "isotropic")
 
@@ -37,11 +43,24 @@ def padding_mask_from_lengths(lengths: Tensor, n: int) -> Tensor:
     return torch.arange(n, device=lengths.device)[None, :] < lengths[:, None]
 
 
-def check_key_padding_mask(mask: Tensor | None, batch: int, n: int, *, causal: bool = False) -> None:
+def check_inputs_default(check_inputs: bool | None, x: Tensor) -> bool:
+    """Whether to run the value checks (NaN/inf, mask contents) that read a tensor on the host.
+
+    ``None`` (the default of every module) checks CPU inputs only, where a check costs no device stall;
+    ``True`` checks on every device; ``False`` never (for ``torch.compile(fullgraph=True)``/``torch.export``).
+    Shape and dtype checks read no tensor and always run.
+    """
+    return x.device.type == "cpu" if check_inputs is None else check_inputs
+
+
+def check_key_padding_mask(
+    mask: Tensor | None, batch: int, n: int, *, causal: bool = False, check_values: bool = True
+) -> None:
     """Validate a keep-mask: bool ``[B, N]``, True = keep, at least one kept token per sample.
 
     Causal attention also needs right padding (kept tokens first): a left-padded row would leave query
-    positions with no key to attend to.
+    positions with no key to attend to. The two content checks read the mask on the host; they are
+    skipped with ``check_values=False`` (dtype and shape are always checked).
     """
     if mask is None:
         return
@@ -53,6 +72,8 @@ def check_key_padding_mask(mask: Tensor | None, batch: int, n: int, *, causal: b
         )
     if tuple(mask.shape) != (batch, n):
         raise ValueError(f"key_padding_mask must have shape [B, N] = {[batch, n]}, got {list(mask.shape)}")
+    if not check_values:
+        return
     if not bool(mask.any(dim=1).all()):
         empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
         raise ValueError(f"key_padding_mask keeps no token in sample(s) {empty}; every sample needs >= 1 real token")
@@ -102,6 +123,7 @@ def elliptical_metric(
     detach: bool = True,
     generator: torch.Generator | None = None,
     random_low: float = 0.0,
+    check_inputs: bool | None = None,
 ) -> Tensor:
     """The diagonal Mahalanobis metric ``m`` of Elliptical Attention.
 
@@ -125,6 +147,8 @@ def elliptical_metric(
         detach: compute ``m`` without a graph (the reference setting). ``False`` backpropagates through it.
         generator: random generator for ``random``.
         random_low: lower end of the uniform draw for ``random``.
+        check_inputs: check the mask's contents on the host (``None``: on CPU only; see
+            :func:`check_inputs_default`).
 
     Returns:
         ``m`` in ``v``'s dtype (reduced in at least float32): ``[B, H, 1, D]``, or ``[B, H, N, D]`` for the
@@ -142,7 +166,8 @@ def elliptical_metric(
     batch, heads, n, dim = v.shape
     if batch == 0 or n == 0:
         raise ValueError(f"v is empty (shape {list(v.shape)}): need at least one sample and one token")
-    check_key_padding_mask(key_padding_mask, batch, n, causal=causal)
+    check = check_inputs_default(check_inputs, v)
+    check_key_padding_mask(key_padding_mask, batch, n, causal=causal, check_values=check)
     if v_prev is not None and (not isinstance(v_prev, Tensor) or v_prev.shape != v.shape):
         raise ValueError(
             f"v and v_prev must have equal shape (B, H, N, D); got v {list(v.shape)}, "
@@ -188,8 +213,43 @@ def elliptical_metric(
     return m.to(v.dtype)
 
 
-class _Attention(nn.Module):
-    """Shared code path: ``Linear(dim, 3·dim)`` → heads → (``q ⊙ m``) → SDPA → ``Linear(dim, dim)``."""
+class KVCache:
+    """Keys and values of the tokens seen so far, per attention layer, for incremental decoding.
+
+    ``layers`` maps each attention module to its ``(k, v)``, both ``[B, H, T, D]``. A cache belongs to one
+    model (``owner``, set by the model that fills it) and one batch; :meth:`length` is T.
+    """
+
+    def __init__(self, owner: nn.Module | None = None) -> None:
+        self.owner = owner
+        self.layers: dict[nn.Module, tuple[Tensor, Tensor]] = {}
+
+    def length(self) -> int:
+        """Cached tokens T (0 when empty)."""
+        return next(iter(self.layers.values()))[0].shape[2] if self.layers else 0
+
+    def append(self, layer: nn.Module, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append the new ``k, v [B, H, q, D]`` of ``layer``; returns all ``[B, H, T + q, D]``."""
+        if layer in self.layers:
+            past_k, past_v = self.layers[layer]
+            if past_k.shape[0] != k.shape[0]:
+                raise ValueError(
+                    f"kv_cache holds a batch of {past_k.shape[0]} sequences, the input has {k.shape[0]}; "
+                    "start a new KVCache for a new batch"
+                )
+            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        self.layers[layer] = (k, v)
+        return k, v
+
+
+class _Attention(StatefulLayer, nn.Module):
+    """Shared code path: ``Linear(dim, 3·dim)`` → heads → (``q ⊙ m``) → SDPA → ``Linear(dim, dim)``.
+
+    A stateful layer of kind ``"values"``: inside a model prepared with :func:`clusterformers.share_state`
+    it writes its values for the next layer and, when elliptical, reads the previous layer's.
+    """
+
+    state_kind = "values"
 
     def __init__(
         self,
@@ -205,6 +265,7 @@ class _Attention(nn.Module):
         scale: float | None = None,
         store_metric: bool = False,
         random_low: float = 0.0,
+        check_inputs: bool | None = None,
     ) -> None:
         super().__init__()
         if dim <= 0 or num_heads <= 0 or dim % num_heads:
@@ -218,45 +279,66 @@ class _Attention(nn.Module):
         self.estimator, self.metric_grad, self.eps = estimator, metric_grad, eps
         self.store_metric, self.random_low = store_metric, random_low
         self.generator: torch.Generator | None = None
-        self.check_inputs = True
+        self.check_inputs = check_inputs
         self.last_metric: Tensor | None = None
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.proj = nn.Linear(dim, dim, bias=bias)
 
-    def _attn_mask(self, key_padding_mask: Tensor | None, n: int) -> Tensor | None:
-        """One boolean mask ``[B, 1, N|1, N]`` (True = attend) combining keys and the causal triangle."""
-        if key_padding_mask is None:
-            return None
-        mask = key_padding_mask[:, None, None, :]
-        if self.causal:
-            tri = torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
-            mask = mask & tri
+    def _attn_mask(
+        self, key_padding_mask: Tensor | None, q_len: int, kv_len: int, device: torch.device
+    ) -> Tensor | None:
+        """One boolean mask ``[B|1, 1, q, T]`` (True = attend) of keys and the causal triangle, or None
+        where SDPA's own ``is_causal`` (queries = keys) or no mask applies."""
+        mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
+        if self.causal and (mask is not None or q_len != kv_len):
+            offset = kv_len - q_len  # the queries are the last q_len positions
+            tri = torch.arange(kv_len, device=device)[None, :] <= torch.arange(q_len, device=device)[:, None] + offset
+            mask = tri if mask is None else mask & tri
         return mask
 
     def forward(
-        self, x: Tensor, key_padding_mask: Tensor | None = None, v_prev: Tensor | None = None
-    ) -> tuple[Tensor, Tensor]:
+        self,
+        x: Tensor,
+        key_padding_mask: Tensor | None = None,
+        v_prev: Tensor | None = None,
+        *,
+        kv_cache: KVCache | None = None,
+        return_values: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Attend.
 
         Args:
             x: ``[B, N, dim]``.
-            key_padding_mask: bool ``[B, N]``, **True = keep** (real token), False = padding.
-            v_prev: the previous layer's values ``[B, H, N, D]``; None makes this call plain attention for
-                every estimator. Ignored by :class:`MultiheadAttention`.
+            key_padding_mask: bool ``[B, T]``, **True = keep** (real token), False = padding; T = N, or
+                the cached plus new tokens with ``kv_cache``.
+            v_prev: the previous layer's values ``[B, H, T, D]``, overriding the shared state; None
+                (and no state) makes this call plain attention for every estimator. Ignored by
+                :class:`MultiheadAttention`.
+            kv_cache: a :class:`KVCache` (causal layers only): ``x`` holds the new tokens, the cache the
+                earlier ones; the causal metric is the prefix mean over all of them.
+            return_values: also return this layer's values, for threading by hand.
 
         Returns:
-            ``(out [B, N, dim], v [B, H, N, D])``; ``v`` is not detached, so a later layer's metric can
-            carry gradient when ``metric_grad`` is on.
+            ``out [B, N, dim]``, or ``(out, v [B, H, T, D])`` with ``return_values``; ``v`` is not
+            detached, so a later layer's metric can carry gradient when ``metric_grad`` is on.
         """
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must be [B, N, dim={self.dim}], got shape {list(getattr(x, 'shape', []))}")
         batch, n, _ = x.shape
         if batch == 0 or n == 0:
             raise ValueError(f"x is empty (shape {list(x.shape)}): need at least one sample and one token")
-        if self.check_inputs and not bool(torch.isfinite(x).all()):
+        if kv_cache is not None and not self.causal:
+            raise ValueError("kv_cache: only causal attention decodes incrementally; pass kv_cache=None")
+        check = check_inputs_default(self.check_inputs, x)
+        if check and not bool(torch.isfinite(x).all()):
             raise ValueError("x contains NaN or inf; check the inputs (or the previous layer) for overflow")
-        check_key_padding_mask(key_padding_mask, batch, n, causal=self.causal)
         q, k, v = self.qkv(x).view(batch, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if kv_cache is not None:
+            k, v = kv_cache.append(self, k, v)
+        kv_len = k.shape[2]
+        check_key_padding_mask(key_padding_mask, batch, kv_len, causal=self.causal, check_values=check)
+        if v_prev is None and self.estimator is not None:
+            v_prev = self.read_state()
         if self.estimator is not None and v_prev is not None:
             m = elliptical_metric(
                 v,
@@ -268,11 +350,15 @@ class _Attention(nn.Module):
                 detach=not self.metric_grad,
                 generator=self.generator,
                 random_low=self.random_low,
+                check_inputs=check,
             )
+            if m.shape[2] != 1:
+                m = m[:, :, kv_len - n :]
             if self.store_metric:
                 self.last_metric = m.detach()
             q = q * m
-        mask = self._attn_mask(key_padding_mask, n)
+        self.write_state(v)
+        mask = self._attn_mask(key_padding_mask, n, kv_len, x.device)
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -282,7 +368,8 @@ class _Attention(nn.Module):
             is_causal=self.causal and mask is None,
             scale=self.scale,
         )
-        return self.proj(out.transpose(1, 2).reshape(batch, n, self.dim)), v
+        out = self.proj(out.transpose(1, 2).reshape(batch, n, self.dim))
+        return (out, v) if return_values else out
 
 
 class MultiheadAttention(_Attention):
@@ -292,12 +379,26 @@ class MultiheadAttention(_Attention):
     parameter names (``qkv``, ``proj``), so ``state_dict``s swap between the two. Not a drop-in for
     ``torch.nn.MultiheadAttention``: batch-first, keep-masks (True = keep), returns values, not weights.
 
-    ``forward(x [B,N,dim], key_padding_mask=None, v_prev=None) -> (out [B,N,dim], v [B,H,N,D])``;
-    ``v_prev`` is ignored.
+    ``forward(x [B,N,dim], key_padding_mask=None, v_prev=None, *, kv_cache=None, return_values=False)
+    -> out [B,N,dim]``; ``v_prev`` is ignored. Inside a model prepared with ``share_state`` it hands its
+    values to the next elliptical layer.
     """
 
-    def __init__(self, dim: int, num_heads: int, *, causal: bool = False, dropout: float = 0.0, bias: bool = True):
-        super().__init__(dim, num_heads, causal=causal, dropout=dropout, bias=bias, estimator=None)
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        *,
+        causal: bool = False,
+        dropout: float = 0.0,
+        bias: bool = True,
+        scale: float | None = None,
+        check_inputs: bool | None = None,
+    ):
+        super().__init__(
+            dim, num_heads, causal=causal, dropout=dropout, bias=bias, estimator=None, scale=scale,
+            check_inputs=check_inputs,
+        )
 
 
 class EllipticalAttention(_Attention):
@@ -317,9 +418,14 @@ class EllipticalAttention(_Attention):
             output is bitwise the same either way. See :func:`set_metric_grad`.
         eps: stabiliser of the metric.
         store_metric: keep a detached copy of the last ``m`` in ``self.last_metric``.
+        check_inputs: value checks that read tensors on the host (NaN/inf in ``x``, mask contents);
+            ``None`` checks CPU inputs only, so accelerators never stall; ``False`` for
+            ``torch.compile(fullgraph=True)`` and ``torch.export``.
 
-    ``forward(x [B,N,dim], key_padding_mask=None (bool [B,N], True = keep), v_prev=None [B,H,N,D])``
-    returns ``(out [B,N,dim], v [B,H,N,D])``. The attribute ``generator`` seeds the ``random`` estimator.
+    ``forward(x [B,N,dim], key_padding_mask=None (bool [B,N], True = keep), v_prev=None [B,H,N,D], *,
+    kv_cache=None, return_values=False)`` returns ``out [B,N,dim]`` (``(out, v)`` with ``return_values``).
+    ``v_prev`` defaults to the previous attention layer's values from the model's shared state. The
+    attribute ``generator`` seeds the ``random`` estimator.
     """
 
     def __init__(
@@ -336,6 +442,7 @@ class EllipticalAttention(_Attention):
         scale: float | None = None,
         store_metric: bool = False,
         random_low: float = 0.0,
+        check_inputs: bool | None = None,
     ) -> None:
         super().__init__(
             dim,
@@ -349,6 +456,7 @@ class EllipticalAttention(_Attention):
             scale=scale,
             store_metric=store_metric,
             random_low=random_low,
+            check_inputs=check_inputs,
         )
 
 

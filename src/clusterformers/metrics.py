@@ -1,7 +1,7 @@
 """Evaluation metrics.
 
-Token cosine (representation collapse, ``shared/specs/elliptical.md`` §5) comes first; further metrics
-are appended after it.
+Token cosine (representation collapse, see ``docs/elliptical.md``) comes first, then the MoE routing
+diagnostics (``docs/acmoe.md``).
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def collect_token_cosine(model: nn.Module, batches: Iterable[Any], device: torch
     def make_hook(i: int):
         def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
             mask = kwargs.get("key_padding_mask", args[1] if len(args) > 1 else None)
-            values = token_cosine(output[0], mask)
+            values = token_cosine(output, mask)
             sums[i] += float(values.sum())
             counts[i] += values.numel()
 
@@ -118,7 +118,7 @@ def collect_token_cosine(model: nn.Module, batches: Iterable[Any], device: torch
     return [s / c for s, c in zip(sums, counts, strict=True)]
 
 
-# --- MoE routing diagnostics (shared/specs/acmoe.md §6) ---------------------------------------------------
+# --- MoE routing diagnostics ------------------------------------------------------------------------------
 
 
 def _labels(x: Any, name: str) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Linear evaluation of a frozen encoder (spec §6, CCLK-release ``evaluate/lbfgs.py``).
+"""Linear evaluation of a frozen encoder (as CCLK-release's ``evaluate/lbfgs.py``).
 
 - Digits: ``Linear(D, classes)`` trained with L-BFGS (500 steps) on cross-entropy + ``1e-6 ‖W‖²``; test top-1.
 - Colour: linear regression to the raw colour ``c`` (0–255) minimising MSE + ``1e-6 ‖W‖²``, in closed

@@ -4,8 +4,10 @@ Each image gets a palette colour ``k`` (uniform, independent of the digit) plus 
 ``c = clip(palette[k] + trunc(40·N(0, I₃)), 0, 255)``, painted on the background with black ink:
 ``pixel = floor((255 − I)/255 · c)``. Colours are drawn once per data set (``data_seed``); the protected
 attribute is ``sensitive = c/255``, the raw ``c`` is the colour-probe target and ``k`` is kept for oracle
-ablations only. The transforms are pure torch and never change colours (spec §6): training =
-RandomResizedCrop(32, scale 0.08–1, bicubic, clamped) + horizontal flip, evaluation = resize to 32.
+ablations only. The transforms are pure torch and never change colours, since the colour is the protected
+attribute (no colour jitter, greyscale or per-image normalisation, and no constant padding, whose border
+would look like ink): training = RandomResizedCrop(32, scale 0.08–1, bicubic, clamped) + horizontal flip,
+evaluation = resize to 32.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Adaptive Clustering (AC) routing for mixture-of-experts at CPU scale (spec ``acmoe.md`` §7, issue 3).
+"""Adaptive Clustering (AC) routing for mixture-of-experts at CPU scale (the studies of ``docs/acmoe.md``).
 
 Three studies, each a grid of (router arm × paired seed) cells with identical budgets and hyper-parameters:
 (a) synthetic subspace clusters (``acmoe_synthetic``), (b) byte- and word-level MoE language models on the
@@ -64,9 +64,9 @@ class AcmoeConfig:
 
     @classmethod
     def full(cls, seeds: int = 5) -> AcmoeConfig:
-        """Sizes per spec §7; xmoe only where cheap (not in the LM study). About 12 hours on an idle two-core
-        CPU (measured ~0.4 s per LM step at the spec's sizes: ~20 min per LM cell, 30 LM cells); the time
-        scales linearly with ``--seeds``."""
+        """The full sizes (the dataclass defaults); xmoe only where cheap (not in the LM study). About 12 hours
+        on an idle two-core CPU (measured ~0.4 s per LM step at these sizes: ~20 min per LM cell, 30 LM
+        cells); the time scales linearly with ``--seeds``."""
         return cls(lm=LmStudy(arms=("smoe", "stablemoe", "ac")), seeds=tuple(range(seeds)))
 
     @classmethod

@@ -4,7 +4,7 @@ evaluation, routing capture, curves, and the verdict on a paired comparison.
 Every arm is the same model with another router (``ffn_kwargs`` of ``models.ffn.build_ffn``). AC arms train
 with ``stats="ema"``: training then uses the batch statistics exactly as ``stats="batch"`` does (so the run
 *is* the faithful batch-statistics run) while keeping BatchNorm-like running dispersions, which lets the
-evaluation report both modes (spec D5). Evaluation uses batch statistics unless it says EMA.
+evaluation report both modes. Evaluation uses batch statistics unless it says EMA.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from clusterformers.moe import AdaptiveMetric, MoE, SoftMoE
 from clusterformers.report import paired_diff
 from clusterformers.train import TrainConfig, TrainResult, train
 
-# arm name -> MoE options (JSON-able ffn_kwargs fragment). "ac" is the LM preset (spec §7 default).
+# arm name -> MoE options (JSON-able ffn_kwargs fragment). "ac" is the LM preset, the default AC arm.
 ARMS: dict[str, dict[str, Any]] = {
     "smoe": {"router": "smoe"},
     "xmoe": {"router": "xmoe"},
@@ -102,7 +102,7 @@ def ac_stats(model: nn.Module, mode: str = "batch") -> Iterator[nn.Module]:
 
 def routing_of(model: nn.Module) -> list[Tensor]:
     """The sorted expert indices ``[T, k]`` of every MoE layer's last forward (on the CPU)."""
-    return [layer.last_state.indices[:, : getattr(layer, "k", 1)].cpu() for layer in moe_layers(model)]
+    return [layer.last_state.indices[:, : getattr(layer, "top_k", 1)].cpu() for layer in moe_layers(model)]
 
 
 def train_cell(model: nn.Module, loss_fn: Callable, batch_fn: Callable, tcfg: TrainConfig, cell_dir: Path,

@@ -1,4 +1,4 @@
-"""AC-MoE study (b): byte-level and word-level MoE language models on the Wikipedia sample (spec §7b).
+"""AC-MoE language-model study: byte-level and word-level MoE language models on the Wikipedia sample.
 
 Switch-style causal transformer whose every FFN is an MoE (AC from the second MoE layer on), trained on the
 contiguous 90/5/5 split of the cleaned article text shipped with gensim. Byte level reports bits per
@@ -38,7 +38,7 @@ LEVELS = ("byte", "word")
 
 @dataclass
 class LmStudy:
-    """Sizes and budget of study (b), per level; every arm gets the same."""
+    """Sizes and budget of the language-model study, per level; every arm gets the same."""
 
     arms: tuple[str, ...] = ("smoe", "xmoe", "stablemoe", "ac")
     levels: tuple[str, ...] = LEVELS
@@ -72,7 +72,7 @@ def build_model(study: LmStudy, level: str, arm: str, vocab_size: int, seed: int
         cfg = TransformerLMConfig(
             vocab_size=vocab_size, context=study.context(level), dim=study.dim, depth=study.depth,
             num_heads=study.num_heads, mlp_ratio=study.expert_hidden / study.dim, dropout=study.dropout,
-            ffn="moe", ffn_kwargs={"num_experts": study.num_experts, "k": study.k, **ARMS[name]},
+            ffn="moe", ffn_kwargs={"num_experts": study.num_experts, "top_k": study.k, **ARMS[name]},
         )
         return TransformerLM(cfg)
 

@@ -1,4 +1,4 @@
-"""AC-MoE study (a): synthetic subspace clusters (spec ``acmoe.md`` §7a).
+"""AC-MoE synthetic study: subspace clusters.
 
 K latent clusters over ``id_features`` identity features: each cluster is tight on its own few features
 (σ = 0.2 around means ±2) and loose on all the others (σ = 2 around 0), so the cluster is hard to read from
@@ -35,15 +35,16 @@ from clusterformers.experiments.acmoe_common import (
 from clusterformers.experiments.common import batches, epoch_batch_fn
 from clusterformers.metrics import dispersion_ratio, expert_load_std, flip_rate, nmi, purity
 from clusterformers.models.ffn import resolve_ac_option
-from clusterformers.moe import MoE, RoutingChain
+from clusterformers.moe import MoE
 from clusterformers.moe.adaptive import token_metric
 from clusterformers.report import Section, fmt, fmt_diff, line_figure, markdown_table
+from clusterformers.state import share_state
 from clusterformers.train import TrainConfig
 
 
 @dataclass
 class SyntheticStudy:
-    """Sizes and budget of study (a); every arm gets the same."""
+    """Sizes and budget of the synthetic study; every arm gets the same."""
 
     arms: tuple[str, ...] = ("smoe", "xmoe", "stablemoe", "ac", "ac-var", "ac-global", "ac-moe-input",
                              "ac-unmasked")
@@ -124,24 +125,22 @@ def make_task(study: SyntheticStudy, seed: int) -> SubspaceTask:
 
 class ResidualMoENet(nn.Module):
     """``Linear(in, d)``, then ``depth`` pre-LN residual MoE layers ``x + MoE(LN(x))`` threading their routing
-    state through ``self.chain``, then ``LN`` and a linear head. ``forward(x[B, in]) -> [B, out]``."""
+    state through the shared ``self.layer_state``, then ``LN`` and a linear head. ``forward(x[B, in]) -> [B, out]``."""
 
     def __init__(self, in_dim: int, out_dim: int, dim: int, depth: int, num_experts: int, k: int, hidden: int,
                  moe: dict) -> None:
         super().__init__()
-        self.chain = RoutingChain()
         self.embed = nn.Linear(in_dim, dim)
         self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(depth))
         self.moes = nn.ModuleList(
-            MoE(dim, num_experts, k, hidden, router=moe["router"], ac=resolve_ac_option(moe.get("ac")),
-                chain=self.chain)
+            MoE(dim, num_experts, k, hidden, router=moe["router"], ac=resolve_ac_option(moe.get("ac")))
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, out_dim)
+        share_state(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        self.chain.reset()
         h = self.embed(x)
         for norm, moe in zip(self.norms, self.moes, strict=True):
             h = h + moe(norm(h))

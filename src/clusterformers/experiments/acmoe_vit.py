@@ -1,4 +1,4 @@
-"""AC-MoE study (c): ViT-MoE on MNIST-5k (spec §7c).
+"""AC-MoE image study: ViT-MoE on MNIST-5k.
 
 A 4-block ViT (patch 7, d=64) whose blocks 2-4 (1-based) are MoE layers (E=8, k=2); an AC router is
 adaptive in blocks 3-4 (the first MoE layer has no previous routing state). Clean accuracy, Gaussian noise,
@@ -44,7 +44,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 @dataclass
 class VitStudy:
-    """Sizes and budget of study (c); every arm gets the same."""
+    """Sizes and budget of the ViT-MoE study; every arm gets the same."""
 
     arms: tuple[str, ...] = ("smoe", "xmoe", "stablemoe", "ac", "ac-swin")
     patch_size: int = 7
@@ -72,7 +72,7 @@ def build_model(study: VitStudy, arm: str, seed: int) -> ViT:
     def make(name: str) -> ViT:
         cfg = ViTConfig(patch_size=study.patch_size, dim=study.dim, depth=study.depth, num_heads=study.num_heads,
                         mlp_ratio=study.mlp_ratio, ffn="moe",
-                        ffn_kwargs={"num_experts": study.num_experts, "k": study.k,
+                        ffn_kwargs={"num_experts": study.num_experts, "top_k": study.k,
                                     "moe_layers": list(study.moe_layers), **ARMS[name]})
         return ViT(cfg)
 

@@ -1,4 +1,4 @@
-"""Elliptical Attention at CPU scale (spec ``elliptical.md`` §6).
+"""Elliptical Attention at CPU scale (the studies of ``docs/elliptical.md``).
 
 (a) A tiny ViT on MNIST-5k: softmax vs elliptical vs identity-M vs random-M vs isotropic, clean and under
 Gaussian noise, FGSM, PGD (each with the metric detached and differentiable) and SPSA, plus the token cosine
@@ -44,7 +44,7 @@ VARIANTS = {
 
 @dataclass
 class VitStudy:
-    """Tiny ViT on MNIST-5k (spec §6a)."""
+    """Tiny ViT on MNIST-5k."""
 
     variants: tuple[str, ...] = ("softmax", "elliptical", "identity-M", "random-M", "isotropic")
     patch_size: int = 7
@@ -66,7 +66,7 @@ class VitStudy:
 
 @dataclass
 class LmStudy:
-    """Word-level causal LM on the Wikipedia sample (spec §6b)."""
+    """Word-level causal LM on the Wikipedia sample."""
 
     variants: tuple[str, ...] = ("softmax", "elliptical", "random-M", "isotropic")
     depth: int = 4
@@ -386,8 +386,8 @@ def _lm_section(study: LmStudy, cells: dict[str, list[dict]], corpus_info: str) 
         for f in study.swap_fractions:
             k = f"swap{f}_ppl"
             md.append(f"- swap {f * 100:g}%: {fmt_diff([r[k] for r in e], [r[k] for r in s], 2)}")
-        md += ["", "**Against the paper's claims** (T1; the reference LM lacked 1/√D and leaked the future into M, "
-               "so a smaller or zero gain here is a legitimate result):\n",
+        md += ["", "**Against the paper's claims** (its WikiText-103 results; the reference LM lacked 1/√D and "
+               "leaked the future into M, so a smaller or zero gain here is a legitimate result):\n",
                "- " + verdict([r["test_ppl"] for r in e], [r["test_ppl"] for r in s], higher_is_better=False,
                               claim="lower clean test perplexity")]
         last = f"swap{study.swap_fractions[-1]}_ppl"

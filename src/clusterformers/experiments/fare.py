@@ -1,18 +1,20 @@
-"""Fair contrastive learning at CPU scale (spec ``fare.md`` §7, issue 4): E1, E2 and E4.
+"""Fair contrastive learning at CPU scale (the studies of ``docs/fare.md``): three report sections.
 
-- **E1**: the LeNet encoder and head of CCLK trained on ColorMNIST-5k with each of InfoNCE, Fair-InfoNCE
-  (k-means, k = 10, on the training colours ``c/255``), CCLK-cosine, FARE and SparseFARE (neighbours 0 and
-  1). A seed fixes the initialisation, the data order, the augmentations and the LSH draws identically for
-  every loss, and every loss gets the same budget, so only the weights of the negatives differ. The frozen
-  encoder of the **final** epoch is probed: linear digit accuracy, colour MSE (0–255 units) and R².
-- **E2**: the fairness/accuracy plane (and, in full mode, knob sweeps of each fair loss).
-- **E4**: loss-only time and peak memory against the batch size (``contrastive.cost.cost_curve``).
+- **Five losses**: the LeNet encoder and head of CCLK trained on ColorMNIST-5k with each of InfoNCE,
+  Fair-InfoNCE (k-means, k = 10, on the training colours ``c/255``), CCLK-cosine, FARE and SparseFARE
+  (neighbours 0 and 1). A seed fixes the initialisation, the data order, the augmentations and the LSH
+  draws identically for every loss, and every loss gets the same budget, so only the weights of the
+  negatives differ. The frozen encoder of the **final** epoch is probed: linear digit accuracy, colour MSE
+  (0–255 units) and R².
+- **Trade-off**: the fairness/accuracy plane (and, in full mode, knob sweeps of each fair loss).
+- **Cost**: loss-only time and peak memory against the batch size (``contrastive.cost.cost_curve``).
 
 Every (loss, seed) cell is cached in ``<out>/fare/e1-<hash>/<loss>/seed<s>/result.json`` next to its
 training checkpoint, so a killed study resumes; the hash covers the training settings, so quick and full
-runs never reuse each other's cells. The D12 diagnostics of the losses that have them go into each cell's
-``metrics.csv``. The report (``fare_report``) sets the results beside the paper's Table 1 and decides from
-the numbers which of its orderings reproduce.
+runs never reuse each other's cells. The attention diagnostics of the losses that have them (does the
+weighting of the negatives follow the protected attribute?) go into each cell's ``metrics.csv``. The
+report (``fare_report``) sets the results beside the paper's Table 1 and decides from the numbers which
+of its orderings reproduce.
 
 ``clusterformers reproduce --paper fare [--quick] [--seeds N]`` calls :func:`make_config` and :func:`run`.
 """
@@ -49,8 +51,8 @@ from clusterformers.train import TrainConfig, resolve_device, train
 
 log = logging.getLogger(__name__)
 
-# E1 variants: key -> (loss kind, constructor overrides)
-E1_VARIANTS: dict[str, tuple[str, dict]] = {
+# the trained losses: key -> (loss kind, constructor overrides)
+LOSS_VARIANTS: dict[str, tuple[str, dict]] = {
     "info_nce": ("info_nce", {}),
     "fair_info_nce": ("fair_info_nce", {}),
     "cclk": ("cclk", {}),
@@ -59,24 +61,24 @@ E1_VARIANTS: dict[str, tuple[str, dict]] = {
     "sparse_fare_nb1": ("sparse_fare", {"neighbours": 1}),
 }
 FAIR_LOSSES = ("fair_info_nce", "cclk", "fare", "sparse_fare", "sparse_fare_nb1")
-# E2 knob sweeps (full mode): kind -> (constructor argument, values, the E1 default)
+# knob sweeps (full mode): kind -> (constructor argument, values, the default of the five-loss cells)
 SWEEPS: dict[str, tuple[str, tuple[float, ...], float]] = {
     "fair_info_nce": ("k", (2, 5, 10, 20), 10),
     "cclk": ("lam", (1e-3, 1e-2, 0.1, 1.0), 1e-2),
     "fare": ("rho", (0.25, 1.0, 4.0), 4.0),
     "sparse_fare": ("n_buckets", (2, 4, 8, 16), 4),
 }
-D12_KEYS = ("spearman", "dist_ratio", "entropy", "eff_support")
-LOGGED_STATS = (*D12_KEYS, "support", "empty_rows", "fallback_rows")
+DIAGNOSTIC_KEYS = ("spearman", "dist_ratio", "entropy", "eff_support")
+LOGGED_STATS = (*DIAGNOSTIC_KEYS, "support", "empty_rows", "fallback_rows")
 SENSITIVE_DIM = 3
 
 
 @dataclass
 class FareConfig:
-    """The study. Training follows spec §7 (τ = 0.1, b = 256, drop-last, Adam lr 1e-3 wd 1e-6, cosine with
-    warm-up); ``epochs`` is what fits the time budget (see :meth:`full`)."""
+    """The study. Training: τ = 0.1, b = 256, drop-last, Adam lr 1e-3 wd 1e-6, cosine with warm-up, the same
+    for every loss; ``epochs`` is what fits the time budget (see :meth:`full`)."""
 
-    losses: tuple[str, ...] = tuple(E1_VARIANTS)
+    losses: tuple[str, ...] = tuple(LOSS_VARIANTS)
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     epochs: int = 200
     warmup_epochs: int = 10
@@ -101,9 +103,9 @@ class FareConfig:
     text_path: str | None = None
 
     def __post_init__(self) -> None:
-        unknown = [k for k in self.losses if k not in E1_VARIANTS]
+        unknown = [k for k in self.losses if k not in LOSS_VARIANTS]
         if unknown:
-            raise ValueError(f"losses: unknown {unknown}, expected a subset of {tuple(E1_VARIANTS)}")
+            raise ValueError(f"losses: unknown {unknown}, expected a subset of {tuple(LOSS_VARIANTS)}")
         if self.dataset not in ("colormnist5k", "digits"):
             raise ValueError(f"dataset must be 'colormnist5k' or 'digits', got {self.dataset!r}")
         bad_attr = [a for a in self.cost_attributes if a not in ("gaussian", "colormnist")]
@@ -112,8 +114,8 @@ class FareConfig:
 
     @classmethod
     def full(cls, seeds: int = 5) -> FareConfig:
-        """The spec's setup: ≥ 5 seeds, 200 epochs (3,000 steps of two views of 256 images). Measured 70–100 ms
-        per step on 2 cores (LeNet), so a run takes ≈ 3.6–5 min with its probes, within the spec's 5-minute cap.
+        """The full study: ≥ 5 seeds, 200 epochs (3,000 steps of two views of 256 images). Measured 70–100 ms
+        per step on 2 cores (LeNet), so a run takes ≈ 3.6–5 min with its probes, within a 5-minute budget per run.
         Knob sweeps on (3 seeds each). The whole study is ≈ 4–5 h on 2 cores."""
         return cls(seeds=tuple(range(seeds)), sweeps=True)
 
@@ -183,9 +185,9 @@ def make_batch_fn(
 
 
 def variants(cfg: FareConfig) -> dict[str, tuple[str, dict]]:
-    """Every trained variant: the E1 losses, then (with ``sweeps``) the knob sweeps of E2. A sweep point at
-    the E1 default is the E1 cell itself."""
-    out = {key: E1_VARIANTS[key] for key in cfg.losses}
+    """Every trained variant: the five-loss cells, then (with ``sweeps``) the knob sweeps. A sweep point at
+    a loss's default is that loss's cell itself."""
+    out = {key: LOSS_VARIANTS[key] for key in cfg.losses}
     if cfg.sweeps:
         for key, (kind, overrides) in sweep_points().items():
             out.setdefault(key, (kind, overrides))
@@ -193,7 +195,7 @@ def variants(cfg: FareConfig) -> dict[str, tuple[str, dict]]:
 
 
 def sweep_points() -> dict[str, tuple[str, dict]]:
-    """``{key: (kind, overrides)}`` of the E2 sweeps; the default value maps to the E1 key."""
+    """``{key: (kind, overrides)}`` of the knob sweeps; the default value maps to the loss's own key."""
     out = {}
     for kind, (knob, values, default) in SWEEPS.items():
         for value in values:
@@ -233,7 +235,7 @@ def run_cell(
     spec: tuple[str, dict] | None = None,
 ) -> dict:
     """Train one (variant, seed) cell to the final epoch and probe its frozen encoder; a JSON-able dict."""
-    kind, overrides = spec if spec is not None else E1_VARIANTS[key]
+    kind, overrides = spec if spec is not None else LOSS_VARIANTS[key]
     train_set = data[0]
     torch.manual_seed(seed)  # the same encoder and head for every loss; the loss's own W_Q, W_K come next
     model = ContrastiveNet()
@@ -245,7 +247,8 @@ def run_cell(
         view1, view2, sensitive, step = batch
         _, z = net(torch.cat([view1, view2]))
         z1, z2 = z.chunk(2)
-        # Stats (and D12) once per logged row, at its first step; held over the row so the row mean is them.
+        # Stats (and the attention diagnostics) once per logged row, at its first step; held over the row so
+        # the row mean is them.
         if logged and step % steps_per_epoch:
             return loss_mod(z1, z2, sensitive), dict(logged)
         loss, stats = loss_mod(z1, z2, sensitive, return_stats=True)
@@ -280,7 +283,7 @@ def run_cell(
         "steps": result.step,
         "wall_s": result.wall_time,
         "d12": {k: last[k] for k in LOGGED_STATS if k in last},
-        "curve": {k: [row.get(k) for row in history] for k in ("step", "loss", *D12_KEYS)
+        "curve": {k: [row.get(k) for row in history] for k in ("step", "loss", *DIAGNOSTIC_KEYS)
                   if any(k in row for row in history)},
     }
 
@@ -305,11 +308,11 @@ def run_init_cell(cfg: FareConfig, seed: int, device: torch.device, data: tuple[
     return probe_cell(cfg, ContrastiveNet().to(device), data)
 
 
-# --------------------------------------------------------------------------------------------- cost (E4)
+# --------------------------------------------------------------------------------------------- cost
 
 
 def run_cost(cfg: FareConfig, device: torch.device, train_set: ColorMNIST | None) -> list[dict]:
-    """E4 rows (``cost_curve``'s, plus ``attribute``) with ``torch`` threads fixed at ``cost_threads``."""
+    """Cost rows (``cost_curve``'s, plus ``attribute``) with ``torch`` threads fixed at ``cost_threads``."""
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.cost_threads)
     try:
@@ -337,12 +340,13 @@ def run_cost(cfg: FareConfig, device: torch.device, train_set: ColorMNIST | None
 
 
 def run(cfg: FareConfig, out: Path) -> list[Section]:
-    """Run E1 (+ E2 sweeps in full mode) and E4 (resumable: finished cells are reused); the report sections."""
+    """Train the five losses (+ the knob sweeps in full mode) and measure their cost (resumable: finished
+    cells are reused); the report sections."""
     from clusterformers.experiments.fare_report import fare_sections
 
     device = resolve_device(cfg.device)
     root = out / "fare"
-    e1_dir = _hashed(root, "e1", cfg.train_settings())
+    cells_dir = _hashed(root, "e1", cfg.train_settings())
     data: list[tuple[ColorMNIST, ColorMNIST]] = []
 
     def get_data() -> tuple[ColorMNIST, ColorMNIST]:
@@ -351,11 +355,12 @@ def run(cfg: FareConfig, out: Path) -> list[Section]:
         return data[0]
 
     def cell(key: str, spec: tuple[str, dict], seed: int) -> dict:
-        cell_dir = e1_dir / key / f"seed{seed}"
+        cell_dir = cells_dir / key / f"seed{seed}"
         return cached(cell_dir / "result.json",
                       lambda: run_cell(cfg, key, seed, cell_dir, device, get_data(), spec))
 
-    init = [cached(e1_dir / "init" / f"seed{s}" / "result.json", lambda s=s: run_init_cell(cfg, s, device, get_data()))
+    init = [cached(cells_dir / "init" / f"seed{s}" / "result.json",
+                   lambda s=s: run_init_cell(cfg, s, device, get_data()))
             for s in cfg.seeds]
     all_variants = variants(cfg)
     cells = {key: [cell(key, all_variants[key], s) for s in cfg.seeds] for key in cfg.losses}

@@ -1,5 +1,7 @@
 """Report sections of the FARE study (``experiments.fare``): tables beside the paper's Table 1, paired
-differences, the acceptance gates of spec §8 decided from the numbers, D12 summaries and the E2/E4 figures."""
+differences, the acceptance gates decided from the numbers, attention-diagnostic summaries, and the
+trade-off and cost figures. The gates are what a small reproduction can confirm: InfoNCE keeps the most
+colour (the paper's most robust gap) and the fair losses cost at most a point or two of accuracy."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from clusterformers.contrastive.cost import loglog_slope
-from clusterformers.experiments.fare import D12_KEYS, FAIR_LOSSES, SWEEPS, FareConfig, sweep_points
+from clusterformers.experiments.fare import DIAGNOSTIC_KEYS, FAIR_LOSSES, SWEEPS, FareConfig, sweep_points
 from clusterformers.report import Section, fmt, mean_std, paired_diff
 
 LABELS = {
@@ -31,9 +33,10 @@ PAPER_TABLE1 = {
     "fare": ((85.7, 0.9), (68.4, 4.3)),
     "sparse_fare": ((86.4, 1.3), (74.0, 3.8)),
 }
-PAPER_ROW = {"sparse_fare_nb1": "sparse_fare"}  # the paper has one SparseFARE row (D7: likely neighbours=1)
-ACCURACY_TOLERANCE = 2.0  # points: "fair losses cost <= 1-2 accuracy points" (spec §8 gate 2)
-# E4: expected log-log time slopes at b >= 1024 (spec §7) and the band accepted around them.
+PAPER_ROW = {"sparse_fare_nb1": "sparse_fare"}  # the paper has one SparseFARE row (likely neighbours=1)
+ACCURACY_TOLERANCE = 2.0  # points: gate 2, "fair losses cost <= 1-2 accuracy points"
+# Cost: expected log-log time slopes at b >= 1024 (CCLK's solve is cubic in b, the dense losses quadratic)
+# and the band accepted around them.
 # SparseFARE's claim is "sub-quadratic, about linear": any slope up to 1.5 passes (fixed costs flatten it).
 EXPECTED_SLOPE = {"cclk": (3.0, 2.4, 3.6), "fare": (2.0, 1.6, 2.4), "sparse_fare": (1.15, 0.0, 1.5),
                   "info_nce": (2.0, 1.6, 2.4), "fair_info_nce": (2.0, 1.6, 2.4), "sparse_fare_nb4": (2.0, 1.6, 2.4)}
@@ -69,7 +72,8 @@ def _direction(lo: float, hi: float, claim: str) -> str:
 
 
 def comparisons(keys: Sequence[str]) -> list[tuple[str, str, str]]:
-    """``(a, b, paper's claim on MSE)`` pairs of spec §7 E1 among the trained ``keys``."""
+    """``(a, b, paper's claim on MSE)`` pairs among the trained ``keys``: every fair loss against InfoNCE,
+    SparseFARE against FARE and CCLK, and FARE against CCLK (a tie)."""
     out = [(f, "info_nce", ">") for f in FAIR_LOSSES if f in keys and "info_nce" in keys]
     for sparse in ("sparse_fare", "sparse_fare_nb1"):
         out += [(sparse, other, ">") for other in ("fare", "cclk") if sparse in keys and other in keys]
@@ -78,11 +82,11 @@ def comparisons(keys: Sequence[str]) -> list[tuple[str, str, str]]:
     return out
 
 
-# --------------------------------------------------------------------------------------------- E1
+# --------------------------------------------------------------------------------------------- five losses
 
 
 def e1_tables(cells: dict[str, list[dict]], init: list[dict] | None = None) -> tuple[str, dict]:
-    """Markdown of the E1 results, paired differences, gates and orderings; and the computed verdicts.
+    """Markdown of the five-loss results, paired differences, gates and orderings; and the computed verdicts.
 
     ``init``: per-seed probes of the untrained encoder all losses start from (a reference row).
     """
@@ -156,7 +160,7 @@ def _gates(cells: dict[str, list[dict]], verdicts: dict) -> str:
     worst = min(fair, key=lambda c: c["accuracy"][0])
     seeds = len(next(iter(cells.values())))
     lines = [
-        "**Acceptance gates (spec §8), computed from the paired differences above:**\n",
+        "**Acceptance gates** (what this scale can confirm), computed from the paired differences above:\n",
         f"- Gate 1, InfoNCE keeps the most colour (every fair loss − InfoNCE has ΔMSE > 0 with a 95% CI "
         f"excluding 0): **{'passes' if verdicts['gate1_infonce_lowest_mse'] else 'fails'}** — "
         f"{len(mse_ok)}/{len(fair)} fair losses "
@@ -184,12 +188,12 @@ def _mean_orderings(cells: dict[str, list[dict]]) -> str:
     return ("**Colour-MSE ranking by means** (low → high, i.e. most → least colour kept): ours "
             f"{' < '.join(SHORT[k] for k in ours)}; paper {' < '.join(SHORT[k] for k in paper)} — "
             f"{'the same order' if same else 'a different order'}. The paper's gaps among the fair losses are "
-            "mostly within its own noise (spec §8), so only Gate 1 is a firm expectation.\n")
+            "mostly within its own noise (under one standard deviation), so only Gate 1 is a firm expectation.\n")
 
 
 def flip_step(curve: dict, runs: int = 3) -> int | None:
-    """The step ending the first run of ``runs`` logged rows with ``dist_ratio > 1`` (the D12 warning), else
-    ``None``."""
+    """The step ending the first run of ``runs`` logged rows with ``dist_ratio > 1`` (when the losses log a
+    warning: the attention prefers the most differently coloured negatives), else ``None``."""
     streak = 0
     for step, ratio in zip(curve.get("step", []), curve.get("dist_ratio", [])):
         streak = streak + 1 if ratio is not None and ratio > 1 else 0
@@ -198,8 +202,8 @@ def flip_step(curve: dict, runs: int = 3) -> int | None:
     return None
 
 
-def d12_summary(cells: dict[str, list[dict]], out: Path) -> tuple[str, list[str]]:
-    """Final D12 values per loss (the last logged row) and a figure of their curves."""
+def diagnostics_summary(cells: dict[str, list[dict]], out: Path) -> tuple[str, list[str]]:
+    """Final attention-diagnostic values per loss (the last logged row) and a figure of their curves."""
     keys = [k for k in cells if all("dist_ratio" in r.get("d12", {}) for r in cells[k])]
     if not keys:
         return "", []
@@ -208,9 +212,9 @@ def d12_summary(cells: dict[str, list[dict]], out: Path) -> tuple[str, list[str]
         finals = [r["d12"] for r in cells[key]]
         held = sum(1 for d in finals if d.get("spearman", math.nan) < 0 and d.get("dist_ratio", math.nan) < 1)
         flipped = sum(1 for r in cells[key] if flip_step(r.get("curve", {})) is not None)
-        rows.append([LABELS[key], *[fmt([d.get(k, math.nan) for d in finals], 3) for k in D12_KEYS],
+        rows.append([LABELS[key], *[fmt([d.get(k, math.nan) for d in finals], 3) for k in DIAGNOSTIC_KEYS],
                      f"{held}/{len(finals)}", f"{flipped}/{len(finals)}"])
-    md = ["**D12 diagnostics at the last logged step** (first step of the final epoch; no gradient; per-epoch "
+    md = ["**Attention diagnostics at the last logged step** (first step of the final epoch; no gradient; per-epoch "
           "values in each cell's `metrics.csv`). Wanted: Spearman(p, ‖Δẑ‖) < 0 and dist_ratio "
           "= Σ p·d / mean d < 1, i.e. negatives with similar colour weigh more:\n",
           _table(["loss", "Spearman", "dist_ratio", "entropy (norm.)", "effective support", "seeds with both wanted",
@@ -221,9 +225,9 @@ def d12_summary(cells: dict[str, list[dict]], out: Path) -> tuple[str, list[str]
         when = [f for f in flips if f is not None]
         md.append(f"FARE: wanted direction at the end in {fare_rows[0][-2]} seeds (Spearman {fare_rows[0][1]}, "
                   f"dist_ratio {fare_rows[0][2]}); its attention turned to the most differently coloured negatives "
-                  f"(the D12 warning) in {fare_rows[0][-1]} seeds"
+                  f"(dist_ratio > 1 on 3 logged epochs running) in {fare_rows[0][-1]} seeds"
                   + (f", first at step {min(when)}" if when else "") + ".\n")
-    path = out / "figures" / "fare_d12.png"
+    path = out / "figures" / "fare_diagnostics.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
     for ax, metric in zip(axes, ("spearman", "dist_ratio")):
@@ -246,7 +250,7 @@ def d12_summary(cells: dict[str, list[dict]], out: Path) -> tuple[str, list[str]
     return "\n".join(md), [str(path.relative_to(out))]
 
 
-# --------------------------------------------------------------------------------------------- E2
+# --------------------------------------------------------------------------------------------- trade-off
 
 
 def tradeoff_figure(cells: dict[str, list[dict]], path: Path, title: str) -> None:
@@ -283,7 +287,7 @@ def sweep_section(sweeps: dict[str, list[dict]], out: Path) -> tuple[str, list[s
         rows.append([SHORT[kind], f"{knob}={value:g}", len(rs), fmt([r["accuracy"] for r in rs], 1, 100),
                      fmt([r["mse"] for r in rs], 1), fmt([r["r2"] for r in rs], 4)])
         groups.setdefault(kind, {})[f"{knob}={value:g}"] = rs
-    md = ["**Knob sweeps** (same budget; the E1 default is the E1 cell):\n",
+    md = ["**Knob sweeps** (same budget; the default value is the loss's own cell above):\n",
           _table(["loss", "knob", "seeds", "accuracy %", "colour MSE", "R²"], rows), ""]
     figs = []
     for kind, group in groups.items():
@@ -293,7 +297,7 @@ def sweep_section(sweeps: dict[str, list[dict]], out: Path) -> tuple[str, list[s
     return "\n".join(md), figs
 
 
-# --------------------------------------------------------------------------------------------- E4
+# --------------------------------------------------------------------------------------------- cost
 
 
 def _band(expected: tuple[float, float, float] | None) -> str:
@@ -304,7 +308,7 @@ def _band(expected: tuple[float, float, float] | None) -> str:
 
 
 def cost_section(rows: list[dict], out: Path) -> tuple[str, list[str], dict]:
-    """E4: the two-panel log-log figure, the slope table with the expected slopes, and a raw table."""
+    """Cost: the two-panel log-log figure, the slope table with the expected slopes, and a raw table."""
     losses = list(dict.fromkeys(r["loss"] for r in rows))
     attributes = list(dict.fromkeys(r["attribute"] for r in rows))
     batches = sorted({r["batch"] for r in rows})
@@ -372,7 +376,7 @@ def cost_section(rows: list[dict], out: Path) -> tuple[str, list[str], dict]:
 
 def fare_sections(cfg: FareConfig, cells: dict[str, list[dict]], init: list[dict], sweeps: dict[str, list[dict]],
                   cost_rows: list[dict], out: Path) -> list[Section]:
-    """The three report sections (E1, E2, E4)."""
+    """The three report sections (five losses, trade-off, cost)."""
     first = next(iter(cells.values()))[0]
     data = "ColorMNIST-5k (4,000/1,000)" if cfg.dataset == "colormnist5k" else "the coloured sklearn-digits fixture"
     intro = (f"{data}; LeNet encoder (84-d) + projection head (128-d) as CCLK; two augmented views "
@@ -383,23 +387,23 @@ def fare_sections(cfg: FareConfig, cells: dict[str, list[dict]], init: list[dict
              f"of the final epoch (never best-on-test): L-BFGS linear digit probe ({cfg.probe_steps} steps) and "
              "closed-form ridge colour regression on the 84-d features, test split. Colour MSE in 0–255 units, "
              f"R² = 1 − MSE/Var_test(c) (Var_test = {first['color_var']:.0f}).\n")
-    e1_md, verdicts = e1_tables(cells, init)
-    d12_md, d12_figs = d12_summary(cells, out)
-    e1 = Section("FARE — E1: five contrastive losses on ColorMNIST", "\n".join([intro, e1_md, d12_md]), d12_figs,
-                 {"cells": cells, "untrained": init, "verdicts": verdicts})
+    losses_md, verdicts = e1_tables(cells, init)
+    diag_md, diag_figs = diagnostics_summary(cells, out)
+    losses = Section("FARE — five contrastive losses on ColorMNIST", "\n".join([intro, losses_md, diag_md]),
+                     diag_figs, {"cells": cells, "untrained": init, "verdicts": verdicts})
     trade = out / "figures" / "fare_tradeoff.png"
     tradeoff_figure(cells, trade, f"{len(cfg.seeds)} seeds, {cfg.epochs} epochs")
-    e2_md = ["Colour MSE (x; R² on the top axis) against digit accuracy (y); small points are seeds, large "
-             "ones mean ± std. Right and up is fairer and more accurate.\n"]
-    e2_figs = [str(trade.relative_to(out))]
+    trade_md = ["Colour MSE (x; R² on the top axis) against digit accuracy (y); small points are seeds, large "
+                "ones mean ± std. Right and up is fairer and more accurate.\n"]
+    trade_figs = [str(trade.relative_to(out))]
     if sweeps:
         sweep_md, sweep_figs = sweep_section(sweeps, out)
-        e2_md.append(sweep_md)
-        e2_figs += sweep_figs
+        trade_md.append(sweep_md)
+        trade_figs += sweep_figs
     else:
-        e2_md.append("Knob sweeps (Fair-InfoNCE k, CCLK λ, FARE ρ, SparseFARE n_b) are skipped in quick mode; "
-                     "full mode runs them with 3 seeds.\n")
-    e2 = Section("FARE — E2: fairness/accuracy trade-off", "\n".join(e2_md), e2_figs, {"sweeps": sweeps})
+        trade_md.append("Knob sweeps (Fair-InfoNCE k, CCLK λ, FARE ρ, SparseFARE n_b) are skipped in quick mode; "
+                        "full mode runs them with 3 seeds.\n")
+    trade_off = Section("FARE — fairness/accuracy trade-off", "\n".join(trade_md), trade_figs, {"sweeps": sweeps})
     cost_md, cost_figs, cost_res = cost_section(cost_rows, out)
-    e4 = Section("FARE — E4: loss cost against batch size", cost_md, cost_figs, {"rows": cost_rows, **cost_res})
-    return [e1, e2, e4]
+    cost = Section("FARE — loss cost against batch size", cost_md, cost_figs, {"rows": cost_rows, **cost_res})
+    return [losses, trade_off, cost]

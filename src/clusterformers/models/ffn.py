@@ -11,9 +11,9 @@ Kinds:
   ``random``, ``ac``) in the blocks listed in ``moe_layers`` (default: all), a dense :class:`Mlp` elsewhere.
 - ``"softmoe"``: a :class:`~clusterformers.moe.SoftMoE` (optionally with AC) in ``moe_layers``, dense elsewhere.
 
-The routing state is threaded through a model's MoE layers by the :class:`~clusterformers.moe.RoutingChain`
-passed as ``chain=``: each MoE layer reads the state of the nearest earlier MoE layer, across interleaved
-dense blocks, so an AC router is adaptive from the second MoE layer on and plain in the first (spec D7, D8).
+The routing state flows through a model's MoE layers by its shared state (``clusterformers.share_state``):
+each MoE layer reads the routing of the nearest earlier MoE layer, across interleaved dense blocks (as
+GLaM interleaves them), so an AC router is adaptive from the second MoE layer on and plain in the first.
 
 ``ffn_kwargs`` stay JSON-serialisable: ``ac`` is ``None``, a preset name (``"lm"``, ``"swin"``,
 ``"softmoe"``) or a dict of :class:`~clusterformers.moe.ACConfig` fields, optionally with ``"preset"``
@@ -27,13 +27,13 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from clusterformers.moe import ACConfig, MoE, RoutingChain, SoftMoE
+from clusterformers.moe import ACConfig, MoE, SoftMoE
 
 FFN_KINDS = ("dense", "moe", "softmoe")
 
 _DENSE_KEYS = frozenset({"bias"})
 _MOE_KEYS = frozenset(
-    {"num_experts", "k", "hidden", "router", "ac", "gated", "capacity_factor", "priority", "aux_coef", "z_coef",
+    {"num_experts", "top_k", "hidden", "router", "ac", "gated", "capacity_factor", "priority", "aux_coef", "z_coef",
      "moe_layers"}
 )
 _SOFTMOE_KEYS = frozenset({"num_experts", "slots_per_expert", "hidden", "ac", "gated", "state_k", "moe_layers"})
@@ -98,9 +98,7 @@ def _check_keys(kind: str, kwargs: Mapping[str, Any], allowed: frozenset[str]) -
         raise ValueError(f"ffn_kwargs for ffn={kind!r} accept only {sorted(allowed)}, got unknown keys {unknown}")
 
 
-def build_ffn(
-    kind: str, dim: int, hidden: int, layer_index: int, /, *, chain: RoutingChain | None = None, **kwargs: Any
-) -> nn.Module:
+def build_ffn(kind: str, dim: int, hidden: int, layer_index: int, /, **kwargs: Any) -> nn.Module:
     """Build the FFN of block ``layer_index`` (the first four arguments are positional-only).
 
     Args:
@@ -108,12 +106,10 @@ def build_ffn(
         dim: model width.
         hidden: hidden width of a dense FFN (``dim · mlp_ratio``), also the default expert hidden size.
         layer_index: position of the block in the stack (0-based); ``moe_layers`` picks the MoE blocks.
-        chain: the model's :class:`RoutingChain`; MoE layers register on it, so build the blocks in
-            execution order. Without a chain the MoE layers do not thread routing state.
         **kwargs: options of the kind, from the model config's ``ffn_kwargs``:
 
             - ``dense``: ``bias``.
-            - ``moe``: ``num_experts`` (8), ``k`` (2), ``hidden``, ``router`` (``"stablemoe"``; or
+            - ``moe``: ``num_experts`` (8), ``top_k`` (2), ``hidden``, ``router`` (``"stablemoe"``; or
               ``"smoe"``, ``"xmoe"``, ``"random"``, ``"ac"``), ``ac`` (None, preset name or dict),
               ``gated``, ``capacity_factor`` (None = dropless), ``priority``, ``aux_coef``, ``z_coef``,
               ``moe_layers``.
@@ -137,6 +133,6 @@ def build_ffn(
     num_experts = opts.pop("num_experts", 8)
     ac = resolve_ac_option(opts.pop("ac", None))
     if kind == "moe":
-        return MoE(dim, num_experts, opts.pop("k", 2), expert_hidden, router=opts.pop("router", "stablemoe"),
-                   ac=ac, chain=chain, **opts)
-    return SoftMoE(dim, num_experts, opts.pop("slots_per_expert", 1), expert_hidden, ac=ac, chain=chain, **opts)
+        return MoE(dim, num_experts, opts.pop("top_k", 2), expert_hidden, router=opts.pop("router", "stablemoe"),
+                   ac=ac, **opts)
+    return SoftMoE(dim, num_experts, opts.pop("slots_per_expert", 1), expert_hidden, ac=ac, **opts)

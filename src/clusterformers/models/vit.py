@@ -1,7 +1,7 @@
 """A small Vision Transformer classifier built from the same :class:`Block` as the language model.
 
 Pixels enter in ``[0, 1]`` and are normalised inside the model, so attacks and corruptions work in pixel
-space (the reference code attacked normalised inputs; ``shared/specs/elliptical.md`` §7).
+space (the reference code attacked normalised inputs, so its epsilons were in normalised units).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from clusterformers.models.transformer import build_blocks, forward_blocks, init_block_weights
-from clusterformers.moe import RoutingChain
+from clusterformers.models.transformer import BlockStack
+from clusterformers.state import share_state
 
 __all__ = ["ViT", "ViTConfig"]
 
@@ -82,40 +82,28 @@ class ViT(nn.Module):
     ``mean`` and divides by ``std`` itself. Blocks are non-causal; with ``attention="elliptical"`` the
     blocks in ``elliptical_layers`` (default all but the first) estimate their metric from the previous
     block's values. MoE FFNs thread their routing state (over all ``B · (1 + num_patches)`` tokens) through
-    ``self.chain``, reset at the start of every forward.
+    ``self.layer_state``, reset before every forward; AC routers use batch statistics in training and
+    running ones in eval (``stats="ema"``), so eval is batch-independent.
     """
 
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.chain = RoutingChain()
         self.register_buffer("pixel_mean", _channel_buffer(cfg.mean, cfg.in_chans), persistent=False)
         self.register_buffer("pixel_std", _channel_buffer(cfg.std, cfg.in_chans), persistent=False)
         self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.dim))
         self.pos_emb = nn.Parameter(torch.zeros(1, cfg.num_patches + 1, cfg.dim))
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks, self.elliptical_layers = build_blocks(
-            cfg.depth,
-            cfg.dim,
-            cfg.num_heads,
-            mlp_ratio=cfg.mlp_ratio,
-            dropout=cfg.dropout,
-            causal=False,
-            attention=cfg.attention,
-            estimator=cfg.estimator,
-            elliptical_layers=cfg.elliptical_layers,
-            ffn=cfg.ffn,
-            ffn_kwargs=cfg.ffn_kwargs,
-            chain=self.chain,
-        )
+        self.blocks = BlockStack(cfg, causal=False)
+        self.elliptical_layers = self.blocks.elliptical_layers
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.num_classes)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         nn.init.trunc_normal_(self.pos_emb, std=0.02)
-        init_block_weights(self.blocks, cfg.depth)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
+        share_state(self)
 
     def attention_modules(self) -> list[nn.Module]:
         """The attention module of each block, in layer order."""
@@ -129,12 +117,11 @@ class ViT(nn.Module):
             raise ValueError(f"x must be [B, {', '.join(map(str, expected))}], got {list(getattr(x, 'shape', []))}")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point image tensor with pixels in [0, 1], got {x.dtype}")
-        self.chain.reset()
         x = (x - self.pixel_mean) / self.pixel_std
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # [B, P, dim]
         tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
         tokens = self.drop(tokens + self.pos_emb)
-        return self.norm(forward_blocks(self.blocks, tokens, self.elliptical_layers))
+        return self.norm(self.blocks(tokens))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.forward_features(x)[:, 0])

@@ -1,11 +1,11 @@
 """Mixture-of-experts layers and routers, with the Adaptive Clustering (AC) router.
 
 Imports only torch. See ``routers`` (top-k routers and ``RoutingState``), ``adaptive`` (the AC
-transform), ``layer`` (``MoE``, ``RoutingChain``), ``soft`` (``SoftMoE``) and ``losses``.
+transform), ``layer`` (``MoE``), ``soft`` (``SoftMoE``) and ``losses``.
 """
 
 from .adaptive import ACConfig, ACStats, AdaptiveMetric, adaptive_metric
-from .layer import Experts, MoE, RoutingChain, expert_capacity
+from .layer import Experts, MoE, expert_capacity
 from .losses import load_balancing_loss, router_z_loss, total_aux_loss
 from .routers import (
     ROUTERS,
@@ -32,7 +32,6 @@ __all__ = [
     "RandomRouter",
     "Router",
     "RouterOutput",
-    "RoutingChain",
     "RoutingState",
     "SoftMoE",
     "StableMoERouter",

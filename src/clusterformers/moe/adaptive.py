@@ -6,11 +6,11 @@ tight are up-weighted. The result is one diagonal metric ``m[k]`` per cluster, w
 no gradient (Nielsen et al., *Tight Clusters Make Specialized Experts*, ICLR 2025).
 
 Everything here works on fixed ``[E, d]`` buffers, so it never synchronises with the host and keeps
-static shapes (spec D3). The per-cluster sums are one-hot GEMMs (``onehot[T,E]^T @ h``) rather than
-``index_add_``: as fast (measured on CPU and an H200) and deterministic, where CUDA's ``index_add_``
-accumulates with atomics in arbitrary order. Statistics are computed in at least float32 (float64
-inputs stay float64), also under autocast (D9); the GEMMs follow ``torch.backends.cuda.matmul``'s TF32
-setting (off by default).
+static shapes (``torch.compile`` traces it whole). The per-cluster sums are one-hot GEMMs
+(``onehot[T,E]^T @ h``) rather than ``index_add_``: as fast (measured on CPU and an H200) and
+deterministic, where CUDA's ``index_add_`` accumulates with atomics in arbitrary order. Statistics are
+computed in at least float32 (float64 inputs stay float64), also under autocast; the GEMMs follow
+``torch.backends.cuda.matmul``'s TF32 setting (off by default).
 """
 
 from __future__ import annotations
@@ -44,6 +44,9 @@ _PRESETS: dict[str, dict[str, object]] = {
 }
 
 
+STATS = ("batch", "ema", "running")
+
+
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
@@ -51,7 +54,7 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class ACConfig:
-    """Settings of the AC transform (spec §1, §2).
+    """Settings of the AC transform (the paper's Eq. 9 with the choices in ``docs/acmoe.md``).
 
     Attributes:
         dispersion: ``"mad"`` (mean absolute deviation) or ``"var"`` (mean squared deviation).
@@ -60,16 +63,25 @@ class ACConfig:
         norm: ``"feature"`` (divide by the per-feature mean over valid clusters) or ``"global"``.
         global_ref: for ``norm="global"``: divide by the pre-clamp mean (``"pre_clamp"``, max m = tau)
             or by the post-clamp mean (``"post_clamp"``).
-        min_count: clusters with fewer tokens are invalid and get ``m = 1`` (D1).
+        min_count: clusters with fewer tokens are invalid and get ``m = 1``.
         mask_invalid: False reproduces the reference, where empty and singleton clusters enter every
             mean (for oracles only).
         mix: None for hard assignment (``m(i) = m[c_i]``), or k' to mix the metrics of the previous
             layer's first k' experts with their gate weights renormalised over those k'.
         apply_to: ``"router"`` (M scales the router input only) or ``"moe_input"`` (router and experts).
-        stats: ``"batch"`` (statistics of the current batch, also in eval) or ``"ema"`` (BatchNorm-like:
-            batch statistics in training, running dispersion in eval; D5).
-        momentum: EMA momentum of the running dispersion.
-        sync_stats: all-reduce the statistics over the default process group (D6).
+        stats: where the per-cluster dispersion comes from:
+
+            - ``"batch"``: the current batch, in training and eval (the papers' code). A token's routing
+              then depends on every other token of the batch, later positions of its own sequence included.
+            - ``"ema"``: BatchNorm-like: the batch in training, the running dispersion in eval, so eval is
+              batch-independent.
+            - ``"running"``: the running dispersion of *earlier* steps, in training and eval; each training
+              step then folds its batch into the running value. A token's routing depends on no other token
+              of its batch, so causal models stay causal and cached decoding equals uncached. The default
+              of our causal language model.
+        momentum: momentum of the running dispersion (``"ema"``, ``"running"``).
+        sync_stats: all-reduce the statistics over the default process group (all ranks route, and
+            update running values, with the global batch's statistics).
     """
 
     dispersion: str = "mad"
@@ -90,7 +102,7 @@ class ACConfig:
         _check_choice("norm", self.norm, ("feature", "global"))
         _check_choice("global_ref", self.global_ref, ("pre_clamp", "post_clamp"))
         _check_choice("apply_to", self.apply_to, ("router", "moe_input"))
-        _check_choice("stats", self.stats, ("batch", "ema"))
+        _check_choice("stats", self.stats, STATS)
         if not self.eps > 0:
             raise ValueError(f"eps: expected > 0, got {self.eps}")
         if not self.tau > 0:
@@ -104,7 +116,7 @@ class ACConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: object) -> ACConfig:
-        """The settings of one reference sub-project: ``"lm"``, ``"swin"`` or ``"softmoe"`` (spec §1)."""
+        """The settings of one reference sub-project: ``"lm"``, ``"swin"`` or ``"softmoe"``."""
         if name not in _PRESETS:
             raise ValueError(f"preset: expected one of {tuple(_PRESETS)}, got {name!r}")
         return dataclasses.replace(cls(**_PRESETS[name]), **overrides)  # type: ignore[arg-type]
@@ -120,7 +132,8 @@ def resolve_ac(ac: ACConfig | str | None) -> ACConfig | None:
 
 
 class ACStats(NamedTuple):
-    """What one AC transform saw. ``metric[E,d]``; ``valid[E]`` bool; ``counts[E]`` (None in EMA eval)."""
+    """What one AC transform saw. ``metric[E,d]``; ``valid[E]`` bool; ``counts[E]`` of the batch's clusters
+    (None in eval with running statistics, where no batch statistic is computed)."""
 
     metric: Tensor
     valid: Tensor
@@ -142,7 +155,7 @@ def _segment_sums(
     clusters: Tensor,
     num_experts: int,
     dispersion: str,
-    token_mask: Tensor | None,
+    key_padding_mask: Tensor | None,
     sync_stats: bool,
     expert_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -156,8 +169,8 @@ def _segment_sums(
     c = clusters.reshape(-1)
     ids = expert_ids if expert_ids is not None else torch.arange(num_experts, device=c.device)
     onehot = c.unsqueeze(1) == ids  # [T, E]
-    if token_mask is not None:
-        onehot = onehot & token_mask.reshape(-1, 1).bool()  # masked tokens: zero rows
+    if key_padding_mask is not None:
+        onehot = onehot & key_padding_mask.reshape(-1, 1).bool()  # masked tokens: zero rows
     onehot_t = onehot.to(dtype).t()
     with torch.autocast(device_type=x.device.type, enabled=False):
         sums, counts = onehot_t @ x, onehot_t.sum(1)
@@ -178,7 +191,7 @@ def cluster_dispersion(
     num_experts: int,
     *,
     dispersion: str = "mad",
-    token_mask: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
     sync_stats: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Per-cluster, per-feature dispersion of ``h``.
@@ -188,14 +201,14 @@ def cluster_dispersion(
         clusters: ``[T]`` int cluster of each token, in ``[0, num_experts)``.
         num_experts: E, the number of rows of the result.
         dispersion: ``"mad"``: mean_i |h_iq - mu_kq|; ``"var"``: mean_i (h_iq - mu_kq)^2.
-        token_mask: optional bool ``[T]``, True = keep; dropped tokens enter no statistic.
+        key_padding_mask: optional bool ``[T]``, True = keep; dropped tokens enter no statistic.
         sync_stats: all-reduce counts and sums, then deviation sums, over the default process group.
 
     Returns:
         ``(s[E, d], counts[E])``, both in the statistics dtype; empty clusters have ``s = 0``. Tokens with
         a cluster outside ``[0, E)`` must not occur (routing states are checked for E upstream).
     """
-    dev_sums, denom, counts = _segment_sums(h, clusters, num_experts, dispersion, token_mask, sync_stats)
+    dev_sums, denom, counts = _segment_sums(h, clusters, num_experts, dispersion, key_padding_mask, sync_stats)
     return dev_sums / denom, counts
 
 
@@ -226,7 +239,7 @@ def metric_from_dispersion(
     norm: str = "feature",
     global_ref: str = "pre_clamp",
 ) -> Tensor:
-    """Invert, clamp and normalise a dispersion into the per-cluster metric (spec §1).
+    """Invert, clamp and normalise a dispersion into the per-cluster metric.
 
     Args:
         s: ``[E, d]`` dispersion.
@@ -250,16 +263,16 @@ def adaptive_metric(
     dispersion: str = "mad",
     global_ref: str = "pre_clamp",
     mask_invalid: bool = True,
-    token_mask: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
     sync_stats: bool = False,
 ) -> Tensor:
-    """The AC metric of a batch: one diagonal per cluster (spec §1, D1-D3).
+    """The AC metric of a batch: one diagonal per cluster.
 
     Args:
         h: ``[T, d]`` router input; only its detached value is used.
         clusters: ``[T]`` top-1 expert of each token at the previous MoE layer.
         num_experts: E.
-        token_mask: optional bool ``[T]``, True = keep (padding is left out of the statistics).
+        key_padding_mask: optional bool ``[T]``, True = keep (padding is left out of the statistics).
         sync_stats: use the statistics of the batch concatenated over the default process group.
 
     Returns:
@@ -267,7 +280,7 @@ def adaptive_metric(
         tokens are 1 (unless ``mask_invalid=False``, which reproduces the reference formula).
     """
     with torch.no_grad():
-        dev_sums, denom, counts = _segment_sums(h, clusters, num_experts, dispersion, token_mask, sync_stats)
+        dev_sums, denom, counts = _segment_sums(h, clusters, num_experts, dispersion, key_padding_mask, sync_stats)
         valid = counts >= min_count if mask_invalid else torch.ones_like(counts, dtype=torch.bool)
         return _normalise((dev_sums / denom + eps).reciprocal_(), valid, tau, norm, global_ref)
 
@@ -295,12 +308,15 @@ def token_metric(metric: Tensor, indices: Tensor, weights: Tensor, mix: int | No
 
 
 class AdaptiveMetric(nn.Module):
-    """The AC transform as a module, holding the EMA buffers when ``config.stats == "ema"``.
+    """The AC transform as a module, holding the running statistics for ``stats="ema"|"running"``.
 
-    In ``"ema"`` mode the buffers ``running_dispersion[E,d]`` and ``running_seen[E]`` (bool) follow
-    BatchNorm: training routes with the batch statistics and updates the running dispersion of the
-    valid clusters (a cluster's first valid batch sets it); eval routes with the running values, and
-    clusters never seen valid get m = 1.
+    Buffers (``"ema"``/``"running"``): ``running_dispersion[E,d]`` and ``running_seen[E]`` (bool), and the
+    batch statistics of the last training forward, ``pending_dispersion[E,d]`` / ``pending_valid[E]``,
+    not yet folded in. Folding happens in :meth:`commit`: at the start of the next forward of this module
+    or, inside a model prepared with ``share_state`` (``deferred_commit``), when the model's next forward
+    begins, so activation-checkpoint recomputation routes with the same running values as the first pass.
+    A resumed run folds in what the interrupted one had pending. A cluster's first valid batch sets its
+    running value; clusters never seen valid get ``m = 1``.
     """
 
     def __init__(self, num_experts: int, dim: int, config: ACConfig) -> None:
@@ -308,39 +324,51 @@ class AdaptiveMetric(nn.Module):
         self.num_experts = num_experts
         self.dim = dim
         self.config = config
+        self.deferred_commit = False
         self.register_buffer("expert_ids", torch.arange(num_experts), persistent=False)
-        if config.stats == "ema":
+        if config.stats != "batch":
             self.register_buffer("running_dispersion", torch.zeros(num_experts, dim))
             self.register_buffer("running_seen", torch.zeros(num_experts, dtype=torch.bool))
+            self.register_buffer("pending_dispersion", torch.zeros(num_experts, dim))
+            self.register_buffer("pending_valid", torch.zeros(num_experts, dtype=torch.bool))
 
     @torch.no_grad()
     def forward(
-        self, h: Tensor, indices: Tensor, weights: Tensor, token_mask: Tensor | None = None
+        self, h: Tensor, indices: Tensor, weights: Tensor, key_padding_mask: Tensor | None = None
     ) -> tuple[Tensor, ACStats]:
-        """``h[T,d]``, previous ``indices/weights[T,k']``, ``token_mask[T]`` (True = keep) ->
+        """``h[T,d]``, previous ``indices/weights[T,k']``, ``key_padding_mask[T]`` (True = keep) ->
         ``(m_tok[T,d], ACStats)``; ``m_tok`` is detached, in at least float32."""
         cfg = self.config
-        if cfg.stats == "ema" and not self.training:
-            valid, counts = self.running_seen, None
-            w = (self.running_dispersion.to(_stat_dtype(h.dtype)) + cfg.eps).reciprocal_()
-        else:
+        if not self.deferred_commit:
+            self.commit()
+        counts = None
+        if self.training or cfg.stats == "batch":
             dev_sums, denom, counts = _segment_sums(
-                h, indices[:, 0], self.num_experts, cfg.dispersion, token_mask, cfg.sync_stats, self.expert_ids
+                h, indices[:, 0], self.num_experts, cfg.dispersion, key_padding_mask, cfg.sync_stats,
+                self.expert_ids,
             )
             valid = counts >= cfg.min_count if cfg.mask_invalid else torch.ones_like(counts, dtype=torch.bool)
             s = dev_sums / denom
-            if cfg.stats == "ema":
-                self._update_running(s, valid)
-            w = (s + cfg.eps).reciprocal_()
-        m = _normalise(w, valid, cfg.tau, cfg.norm, cfg.global_ref)
+            if cfg.stats != "batch" and self.training:
+                self.pending_dispersion.copy_(s)
+                self.pending_valid.copy_(valid)
+        if cfg.stats == "running" or (cfg.stats == "ema" and not self.training):
+            valid = self.running_seen
+            s = self.running_dispersion.to(_stat_dtype(h.dtype))
+        m = _normalise((s + cfg.eps).reciprocal_(), valid, cfg.tau, cfg.norm, cfg.global_ref)
         return token_metric(m, indices, weights, cfg.mix), ACStats(m, valid, counts)
 
-    def _update_running(self, s: Tensor, valid: Tensor) -> None:
-        run = self.running_dispersion
-        s = s.to(run.dtype)
+    @torch.no_grad()
+    def commit(self) -> None:
+        """Fold the pending batch statistics into the running ones (no-op without pending ones)."""
+        if self.config.stats == "batch":
+            return
+        run, valid = self.running_dispersion, self.pending_valid
+        s = self.pending_dispersion.to(run.dtype)
         blended = torch.where(self.running_seen.unsqueeze(1), torch.lerp(run, s, self.config.momentum), s)
         run.copy_(torch.where(valid.unsqueeze(1), blended, run))
         self.running_seen.logical_or_(valid)
+        valid.zero_()
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, dim={self.dim}, config={self.config}"

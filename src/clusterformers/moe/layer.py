@@ -1,8 +1,9 @@
-"""The MoE layer: a router, stacked experts, dropless or capacity dispatch, and a routing chain.
+"""The MoE layer: a router, stacked experts, dropless or capacity dispatch.
 
 ``MoE`` is a drop-in for a dense FFN: ``x[..., d] -> y[..., d]``. The routing state the next AC
-layer needs is passed explicitly (``prev=``) or through a shared ``RoutingChain``, so a model's
-blocks keep their call signature.
+layer needs flows through the model's shared :class:`~clusterformers.state.LayerState` (see
+:func:`clusterformers.share_state`) or is passed by hand (``prev=``), so a model's blocks keep their
+call signature.
 """
 
 from __future__ import annotations
@@ -13,54 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clusterformers.state import LayerState, StatefulLayer
+
 from .adaptive import ACConfig, ACStats
 from .losses import load_balancing_loss, router_z_loss
 from .routers import Router, RoutingState, build_router, check_finite, flatten_tokens
 
-__all__ = ["Experts", "LastForward", "MoE", "RoutingChain", "expert_capacity"]
-
-
-class RoutingChain:
-    """Carries routing states between the MoE layers of one model (spec §4, D8).
-
-    Every layer built with ``chain=`` registers a position at construction (so layers must be
-    constructed in execution order). In forward, a layer reads the state of the nearest *earlier*
-    position written since the last ``reset()`` and writes its own. Dense layers do not register,
-    so a state is carried across them; activation-checkpoint recomputation of a layer reads the
-    same earlier state again. A model calls ``chain.reset()`` at the start of its forward; a model
-    whose token count changes between stages (Swin) uses one chain per stage.
-    """
-
-    def __init__(self) -> None:
-        self._states: dict[int, RoutingState] = {}
-        self._size = 0
-
-    def register(self) -> int:
-        """Reserve the next position (call once per MoE layer, in execution order)."""
-        self._size += 1
-        return self._size - 1
-
-    def reset(self) -> None:
-        """Forget all states (call at the start of each model forward)."""
-        self._states.clear()
-
-    def read(self, position: int) -> RoutingState | None:
-        """The state of the nearest written position before ``position``, or None."""
-        for p in range(position - 1, -1, -1):
-            if p in self._states:
-                return self._states[p]
-        return None
-
-    def write(self, position: int, state: RoutingState) -> None:
-        if not 0 <= position < self._size:
-            raise ValueError(f"position: expected a registered position in [0, {self._size}), got {position}")
-        self._states[position] = state
-
-    def __len__(self) -> int:
-        return self._size
-
-    def __repr__(self) -> str:
-        return f"RoutingChain(layers={self._size}, written={sorted(self._states)})"
+__all__ = ["Experts", "LastForward", "MoE", "RoutingLayer", "expert_capacity"]
 
 
 class LastForward:
@@ -85,10 +45,29 @@ class LastForward:
         return (LastForward, ())
 
 
-class KeepsLastForward:
-    """Mixin for layers with a ``LastForward`` record in ``self.last_forward``."""
+class RoutingLayer(StatefulLayer):
+    """Mixin of the MoE layers: a stateful layer of kind ``"routing"`` that keeps a ``LastForward``.
 
+    Reads the routing state of the nearest earlier MoE layer from the shared state (or ``prev=``) and
+    writes its own; when a model forward begins it folds its pending AC statistics (``begin_forward``).
+    """
+
+    state_kind = "routing"
     last_forward: LastForward
+    metric: nn.Module | None
+
+    def attach_state(self, state: LayerState, position: int) -> None:
+        super().attach_state(state, position)
+        if self.metric is not None:
+            self.metric.deferred_commit = True  # the model's forward pre-hook commits
+
+    def begin_forward(self) -> None:
+        if self.metric is not None:
+            self.metric.commit()
+
+    def previous_state(self, prev: RoutingState | None) -> RoutingState | None:
+        """``prev`` if given, else the routing the shared state holds from an earlier MoE layer."""
+        return prev if prev is not None else self.read_state()
 
     @property
     def aux_loss(self) -> Tensor | None:
@@ -160,13 +139,13 @@ class Experts(nn.Module):
         return self._act(x @ self.w_in[e]) @ self.w_out[e]
 
 
-class MoE(KeepsLastForward, nn.Module):
+class MoE(RoutingLayer, nn.Module):
     """A top-k mixture-of-experts FFN.
 
     Args:
         dim: token dimension d.
         num_experts: E.
-        k: experts per token.
+        top_k: experts per token.
         hidden: expert hidden size.
         router: ``"smoe"``, ``"xmoe"``, ``"stablemoe"``, ``"random"``, ``"ac"`` or a ``Router``.
         ac: AC preset name or ``ACConfig`` for a named router (``"ac"`` defaults to ``"lm"``).
@@ -179,24 +158,25 @@ class MoE(KeepsLastForward, nn.Module):
             GShard/Switch) or ``"weight"`` (per slot, tokens by descending top-1 gate weight;
             tutel's batch-prioritised routing).
         aux_coef: coefficient of ``load_balancing_loss``; z_coef: of ``router_z_loss``.
-        chain: a shared ``RoutingChain`` to read the previous MoE layer's state from and write this
-            layer's to.
+        check_inputs: raise on NaN/inf input. ``None`` (default): in dropless mode always (the check
+            rides on the split-size sync dispatch needs anyway), in capacity mode on CPU only, so
+            capacity mode on an accelerator is sync-free; ``False``: never (``torch.compile``).
 
-    ``forward(x[..., d], prev=None, token_mask=None, return_aux=False)`` returns ``y`` of x's shape,
-    or ``(y, aux_loss)``. ``token_mask`` is bool ``[...]`` with True = keep: masked tokens are left out
+    ``forward(x[..., d], prev=None, key_padding_mask=None, return_aux=False)`` returns ``y`` of x's shape,
+    or ``(y, aux_loss)``. ``key_padding_mask`` is bool ``[...]`` with True = keep: masked tokens are left out
     of the AC statistics and aux losses (and take no capacity), their outputs are still computed in
     dropless mode. After each forward the module keeps ``.aux_loss``, ``.last_router_logits[T, E]``,
     ``.last_state`` (``RoutingState``) and ``.last_stats`` (``ACStats`` or None).
 
-    A non-finite input raises ValueError (checked within the dropless split-size sync; in capacity
-    mode only on CPU, to keep accelerators sync-free).
+    Inside a model prepared with ``share_state``, ``prev`` defaults to the routing of the nearest
+    earlier MoE layer (across dense blocks); the first MoE layer routes with the plain score.
     """
 
     def __init__(
         self,
         dim: int,
         num_experts: int,
-        k: int,
+        top_k: int,
         hidden: int,
         router: str | Router = "stablemoe",
         ac: ACConfig | str | None = None,
@@ -205,48 +185,50 @@ class MoE(KeepsLastForward, nn.Module):
         priority: str = "slot",
         aux_coef: float = 0.0,
         z_coef: float = 0.0,
-        chain: RoutingChain | None = None,
+        check_inputs: bool | None = None,
     ) -> None:
         super().__init__()
         if isinstance(router, Router):
             if ac is not None:
                 raise ValueError("ac: give ac to the Router itself when passing a Router instance")
-            if (router.dim, router.num_experts, router.k) != (dim, num_experts, k):
+            if (router.dim, router.num_experts, router.top_k) != (dim, num_experts, top_k):
                 raise ValueError(
-                    f"router: expected dim={dim}, num_experts={num_experts}, k={k}, got "
-                    f"dim={router.dim}, num_experts={router.num_experts}, k={router.k}"
+                    f"router: expected dim={dim}, num_experts={num_experts}, top_k={top_k}, got "
+                    f"dim={router.dim}, num_experts={router.num_experts}, top_k={router.top_k}"
                 )
         else:
-            router = build_router(router, dim, num_experts, k, ac)
+            router = build_router(router, dim, num_experts, top_k, ac)
         if capacity_factor is not None and not capacity_factor > 0:
             raise ValueError(f"capacity_factor: expected None or > 0, got {capacity_factor}")
         if priority not in ("slot", "weight"):
             raise ValueError(f"priority: expected 'slot' or 'weight', got {priority!r}")
-        self.dim, self.num_experts, self.k, self.hidden = dim, num_experts, k, hidden
+        self.dim, self.num_experts, self.top_k, self.hidden = dim, num_experts, top_k, hidden
         self.router = router
         self.experts = Experts(num_experts, dim, hidden, gated)
         self.capacity_factor, self.priority = capacity_factor, priority
         self.aux_coef, self.z_coef = aux_coef, z_coef
-        self.chain = chain
-        self.chain_position = chain.register() if chain is not None else None
+        self.check_inputs = check_inputs
         self.last_forward = LastForward()
+
+    @property
+    def metric(self) -> nn.Module | None:
+        return self.router.metric
 
     def extra_repr(self) -> str:
         return (
             f"capacity_factor={self.capacity_factor}, priority={self.priority!r}, aux_coef={self.aux_coef}, "
-            f"z_coef={self.z_coef}, chain_position={self.chain_position}"
+            f"z_coef={self.z_coef}, state_position={self.state_position}"
         )
 
     def forward(
         self,
         x: Tensor,
         prev: RoutingState | None = None,
-        token_mask: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
         return_aux: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        x2, mask = flatten_tokens(x, self.dim, token_mask, name="x")
-        if prev is None and self.chain is not None:
-            prev = self.chain.read(self.chain_position)
+        x2, mask = flatten_tokens(x, self.dim, key_padding_mask, name="x")
+        prev = self.previous_state(prev)
         m_tok, stats = self.router.token_metric(x2, prev, mask)
         u = x2
         if m_tok is not None and self.router.ac.apply_to == "moe_input":
@@ -257,30 +239,32 @@ class MoE(KeepsLastForward, nn.Module):
         if self.capacity_factor is None:
             y = self._dropless(u, routed.weights, routed.indices, x2)
         else:
-            if x2.device.type == "cpu":
-                check_finite(x2, "x")
+            check_finite(x2, "x", self.check_inputs)
             y = self._capacity(u, routed.weights, routed.indices, mask)
         aux = self._aux(routed.logits, mask)
         record = self.last_forward
         record.aux_loss, record.router_logits, record.state, record.stats = aux, routed.logits, routed.state, stats
-        if self.chain is not None:
-            self.chain.write(self.chain_position, routed.state)
+        self.write_state(routed.state)
         y = y.reshape(x.shape)
         return (y, aux) if return_aux else y
 
     def _dropless(self, u: Tensor, weights: Tensor, indices: Tensor, x2: Tensor) -> Tensor:
         """Group the T*k assignments by (expert, slot, token) with a stable sort, run each expert on its
-        segment, combine with index_add_. One host sync (split sizes + finiteness flag)."""
+        segment, combine with index_add_. One host sync (split sizes, with the finiteness flag unless
+        ``check_inputs`` is False)."""
         T, k = indices.shape
         E = self.num_experts
         flat = indices.t().reshape(-1)  # position p = slot * T + token
         order = torch.sort(flat, stable=True).indices
         token = order % T
         counts = torch.zeros(E, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
-        bad = (~torch.isfinite(x2).all()).long().view(1)
-        host = torch.cat([counts, bad]).tolist()
-        if host[E]:
-            raise ValueError("x: expected finite values, got NaN or inf")
+        if self.check_inputs is False:
+            host = counts.tolist()
+        else:
+            bad = (~torch.isfinite(x2).all()).long().view(1)
+            host = torch.cat([counts, bad]).tolist()
+            if host[E]:
+                raise ValueError("x: expected finite values, got NaN or inf")
         ys = self.experts.grouped(u.index_select(0, token), host[:E])
         ys = ys * weights.t().reshape(-1).index_select(0, order).to(ys.dtype).unsqueeze(1)
         return ys.new_zeros(T, self.dim).index_add_(0, token, ys)
@@ -312,7 +296,7 @@ class MoE(KeepsLastForward, nn.Module):
     def _aux(self, logits: Tensor, mask: Tensor | None) -> Tensor:
         aux = logits.new_zeros(())
         if self.aux_coef:
-            aux = aux + self.aux_coef * load_balancing_loss(logits, self.num_experts, self.k, mask)
+            aux = aux + self.aux_coef * load_balancing_loss(logits, self.num_experts, self.top_k, mask)
         if self.z_coef:
             aux = aux + self.z_coef * router_z_loss(logits, mask)
         return aux

@@ -9,7 +9,7 @@ __all__ = ["load_balancing_loss", "router_z_loss", "total_aux_loss"]
 
 
 def _stack_layers(logits: Tensor | tuple[Tensor, ...] | list[Tensor], mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Concatenate per-layer ``[T, E]`` logits and repeat a ``mask`` (True = keep) per layer."""
+    """Concatenate per-layer ``[T, E]`` logits and repeat a keep-mask (True = keep) per layer."""
     layers = list(logits) if isinstance(logits, (tuple, list)) else [logits]
     if not layers:
         raise ValueError("logits: expected a Tensor [T, E] or a non-empty tuple of them, got an empty tuple")
@@ -21,8 +21,13 @@ def _stack_layers(logits: Tensor | tuple[Tensor, ...] | list[Tensor], mask: Tens
     if mask is None:
         keep = torch.ones(T, device=device)
     else:
+        if mask.dtype != torch.bool:
+            raise TypeError(
+                f"key_padding_mask: expected a bool tensor (True = keep), got {mask.dtype}; convert an additive "
+                "float mask with `mask == 0`, a 0/1 mask with `mask > 0`"
+            )
         if mask.numel() != T:
-            raise ValueError(f"mask: expected {T} entries (True = keep), got shape {tuple(mask.shape)}")
+            raise ValueError(f"key_padding_mask: expected {T} entries (True = keep), got shape {tuple(mask.shape)}")
         keep = mask.reshape(-1).to(device=device, dtype=torch.float32)
     dtype = torch.promote_types(layers[0].dtype, torch.float32)
     return torch.cat([layer.to(dtype) for layer in layers]), keep.repeat(len(layers)).to(dtype)
@@ -32,7 +37,7 @@ def load_balancing_loss(
     logits: Tensor | tuple[Tensor, ...],
     num_experts: int,
     top_k: int,
-    mask: Tensor | None = None,
+    key_padding_mask: Tensor | None = None,
 ) -> Tensor:
     """Switch/Mixtral load-balancing loss ``E * sum_e f_e P_e`` (equals HF's ``load_balancing_loss_func``).
 
@@ -40,13 +45,13 @@ def load_balancing_loss(
         logits: router logits ``[T, E]``, or a tuple of them (one per layer, pooled).
         num_experts: E.
         top_k: experts per token; the top-k of ``softmax(logits)`` is recomputed here.
-        mask: optional bool ``[T]`` (any shape with T entries), True = keep.
+        key_padding_mask: optional bool ``[T]`` (any shape with T entries), True = keep.
 
     Returns:
         A scalar: ``f_e`` = share of kept tokens' top-k assignments to e per token (sums to k),
         ``P_e`` = mean softmax probability of e; equals k at perfect balance.
     """
-    s, keep = _stack_layers(logits, mask)
+    s, keep = _stack_layers(logits, key_padding_mask)
     if s.shape[1] != num_experts:
         raise ValueError(f"logits: expected {num_experts} experts in the last dim, got {s.shape[1]}")
     probs = torch.softmax(s, dim=1)
@@ -59,9 +64,9 @@ def load_balancing_loss(
     return num_experts * (f * p).sum()
 
 
-def router_z_loss(logits: Tensor | tuple[Tensor, ...], mask: Tensor | None = None) -> Tensor:
-    """ST-MoE router z-loss ``mean_i (logsumexp_e s_ie)^2`` over kept tokens (mask: True = keep)."""
-    s, keep = _stack_layers(logits, mask)
+def router_z_loss(logits: Tensor | tuple[Tensor, ...], key_padding_mask: Tensor | None = None) -> Tensor:
+    """ST-MoE router z-loss ``mean_i (logsumexp_e s_ie)^2`` over kept tokens (``key_padding_mask``: True = keep)."""
+    s, keep = _stack_layers(logits, key_padding_mask)
     z = torch.logsumexp(s, dim=1).square()
     return (z * keep).sum() / keep.sum().clamp_min(1)
 

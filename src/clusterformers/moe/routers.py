@@ -61,25 +61,34 @@ class RouterOutput(NamedTuple):
     state: RoutingState
 
 
-def flatten_tokens(x: Tensor, dim: int, token_mask: Tensor | None, name: str = "h") -> tuple[Tensor, Tensor | None]:
-    """``x[..., dim]`` -> ``[T, dim]`` and ``token_mask[...]`` (True = keep) -> ``[T]``; checks shapes."""
+def flatten_tokens(
+    x: Tensor, dim: int, key_padding_mask: Tensor | None, name: str = "h"
+) -> tuple[Tensor, Tensor | None]:
+    """``x[..., dim]`` -> ``[T, dim]`` and ``key_padding_mask[...]`` (True = keep) -> ``[T]``; checks shapes."""
     if x.dim() < 1 or x.shape[-1] != dim:
         raise ValueError(f"{name}: expected shape [..., {dim}], got {tuple(x.shape)}")
     x2 = x.reshape(-1, dim)
     if x2.shape[0] == 0:
         raise ValueError(f"{name}: expected at least one token, got shape {tuple(x.shape)}")
-    if token_mask is None:
+    if key_padding_mask is None:
         return x2, None
-    if token_mask.shape != x.shape[:-1]:
-        raise ValueError(
-            f"token_mask: expected shape {tuple(x.shape[:-1])} (True = keep), got {tuple(token_mask.shape)}"
+    if not isinstance(key_padding_mask, Tensor) or key_padding_mask.dtype != torch.bool:
+        got = key_padding_mask.dtype if isinstance(key_padding_mask, Tensor) else type(key_padding_mask).__name__
+        raise TypeError(
+            f"key_padding_mask: expected a bool tensor (True = keep), got {got}; convert an additive float "
+            "mask with `mask == 0`, a 0/1 mask with `mask > 0`"
         )
-    return x2, token_mask.reshape(-1).bool()
+    if key_padding_mask.shape != x.shape[:-1]:
+        raise ValueError(
+            f"key_padding_mask: expected shape {tuple(x.shape[:-1])} (True = keep), got {tuple(key_padding_mask.shape)}"
+        )
+    return x2, key_padding_mask.reshape(-1)
 
 
-def check_finite(x: Tensor, name: str = "h") -> None:
-    """Raise ValueError if ``x`` holds NaN or inf (one host sync)."""
-    if not bool(torch.isfinite(x).all()):
+def check_finite(x: Tensor, name: str = "h", check_inputs: bool | None = True) -> None:
+    """Raise ValueError if ``x`` holds NaN or inf (one host sync); ``check_inputs=None`` checks CPU
+    tensors only, ``False`` never."""
+    if (x.device.type == "cpu" if check_inputs is None else check_inputs) and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name}: expected finite values, got NaN or inf")
 
 
@@ -116,7 +125,7 @@ class Router(nn.Module):
     Args:
         dim: token dimension d.
         num_experts: E.
-        k: experts per token (``1 <= k <= E``).
+        top_k: experts per token (``1 <= top_k <= E``).
         score: ``"normed_dot"`` (h . e_k/|e_k|, StableMoE / AC-LM), ``"linear"`` (W h + b, SMoE),
             ``"linear_nobias"`` (W h, Swin), ``"cosine"`` (cos(P h, e_k) / t, X-MoE).
         gate: ``"softmax_selected"`` (softmax over the k selected scores = Mixtral's renormalised
@@ -124,12 +133,14 @@ class Router(nn.Module):
         noise: in training, Gaussian noise of std ``noise / E`` is added to the logits (tutel's
             ``gate_noise``); the returned logits include it.
         ac: None, an AC preset name or an ``ACConfig``: score on ``m(i) * h_i``, with m from the
-            previous layer's clusters (``prev``). Without ``prev`` the plain score is used (D7).
+            previous layer's clusters (``prev``). Without ``prev`` (the first MoE layer) the plain
+            score is used, with the same parameters.
         proj_dim: X-MoE projection size (``score="cosine"``).
         frozen: freeze the score parameters (the random router).
+        check_inputs: raise on NaN/inf input (a host sync); ``None`` checks CPU inputs only.
 
-    ``forward(h[..., d], prev=None, token_mask=None) -> RouterOutput`` with T = h[..., 0].numel().
-    ``token_mask`` (bool ``[...]``, True = keep) keeps padding out of the AC statistics. Routers without
+    ``forward(h[..., d], prev=None, key_padding_mask=None) -> RouterOutput`` with T = h[..., 0].numel().
+    ``key_padding_mask`` (bool ``[...]``, True = keep) keeps padding out of the AC statistics. Routers without
     ``ac`` ignore ``prev``.
     """
 
@@ -137,7 +148,7 @@ class Router(nn.Module):
         self,
         dim: int,
         num_experts: int,
-        k: int,
+        top_k: int,
         score: str = "normed_dot",
         gate: str = "softmax_selected",
         noise: float = 0.0,
@@ -145,19 +156,21 @@ class Router(nn.Module):
         *,
         proj_dim: int = 8,
         frozen: bool = False,
+        check_inputs: bool | None = None,
     ) -> None:
         super().__init__()
         if num_experts < 1:
             raise ValueError(f"num_experts: expected >= 1, got {num_experts}")
-        if not 1 <= k <= num_experts:
-            raise ValueError(f"k: expected 1 <= k <= num_experts={num_experts}, got {k}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k: expected 1 <= top_k <= num_experts={num_experts}, got {top_k}")
         if score not in SCORES:
             raise ValueError(f"score: expected one of {SCORES}, got {score!r}")
         if gate not in GATES:
             raise ValueError(f"gate: expected one of {GATES}, got {gate!r}")
         if noise < 0:
             raise ValueError(f"noise: expected >= 0, got {noise}")
-        self.dim, self.num_experts, self.k = dim, num_experts, k
+        self.dim, self.num_experts, self.top_k = dim, num_experts, top_k
+        self.check_inputs = check_inputs
         self.score, self.gate, self.noise = score, gate, noise
         self.ac: ACConfig | None = resolve_ac(ac)
         self.metric = AdaptiveMetric(num_experts, dim, self.ac) if self.ac is not None else None
@@ -175,7 +188,7 @@ class Router(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"dim={self.dim}, num_experts={self.num_experts}, k={self.k}, score={self.score!r}, "
+            f"dim={self.dim}, num_experts={self.num_experts}, top_k={self.top_k}, score={self.score!r}, "
             f"gate={self.gate!r}, noise={self.noise}, ac={self.ac}"
         )
 
@@ -184,15 +197,15 @@ class Router(nn.Module):
         check_state(prev, self.num_experts, num_tokens, self.ac.mix if self.ac is not None else None)
 
     def token_metric(
-        self, h: Tensor, prev: RoutingState | None, token_mask: Tensor | None = None
+        self, h: Tensor, prev: RoutingState | None, key_padding_mask: Tensor | None = None
     ) -> tuple[Tensor | None, ACStats | None]:
         """The AC multiplier of each token: ``h[T,d]`` -> ``(m_tok[T,d] | None, ACStats | None)``.
 
-        None when the router has no ``ac`` or ``prev`` is None (plain score, D7)."""
+        None when the router has no ``ac`` or ``prev`` is None (plain score)."""
         if self.metric is None or prev is None:
             return None, None
         self.check_state(prev, h.shape[0])
-        return self.metric(h, prev.indices, prev.weights, token_mask)
+        return self.metric(h, prev.indices, prev.weights, key_padding_mask)
 
     def logits(self, u: Tensor) -> Tensor:
         """Scores ``[T, E]`` of ``u[T, d]`` in at least float32, also under autocast."""
@@ -217,7 +230,7 @@ class Router(nn.Module):
             logits = logits + torch.randn_like(logits) * (self.noise / self.num_experts)
         # a stable descending sort: column 0 is the argmax and ties go to the lower index
         top, indices = torch.sort(logits, dim=1, descending=True, stable=True)
-        top, indices = top[:, : self.k], indices[:, : self.k]
+        top, indices = top[:, : self.top_k], indices[:, : self.top_k]
         if self.gate == "softmax_selected":
             weights = torch.softmax(top, dim=1)
         else:
@@ -225,12 +238,14 @@ class Router(nn.Module):
         state = RoutingState(indices, weights.detach(), logits.shape[0], self.num_experts)
         return RouterOutput(logits, weights, indices, state)
 
-    def forward(self, h: Tensor, prev: RoutingState | None = None, token_mask: Tensor | None = None) -> RouterOutput:
-        """Route ``h[..., d]``; ``prev`` is the previous MoE layer's state; ``token_mask`` bool ``[...]``
+    def forward(
+        self, h: Tensor, prev: RoutingState | None = None, key_padding_mask: Tensor | None = None
+    ) -> RouterOutput:
+        """Route ``h[..., d]``; ``prev`` is the previous MoE layer's state; ``key_padding_mask`` bool ``[...]``
         with True = keep. Raises ValueError on a bad shape, an empty or non-finite input, or a
         ``prev`` from a layer with another E or T."""
-        h2, mask = flatten_tokens(h, self.dim, token_mask)
-        check_finite(h2)
+        h2, mask = flatten_tokens(h, self.dim, key_padding_mask)
+        check_finite(h2, "h", self.check_inputs)
         m_tok, _ = self.token_metric(h2, prev, mask)
         return self.select(h2, m_tok)
 
@@ -238,8 +253,10 @@ class Router(nn.Module):
 class TopKRouter(Router):
     """SMoE: a linear gate with bias, ``W h + b`` (the reference LM baseline)."""
 
-    def __init__(self, dim: int, num_experts: int, k: int, *, noise: float = 0.0, ac: ACConfig | str | None = None):
-        super().__init__(dim, num_experts, k, "linear", "softmax_selected", noise, ac)
+    def __init__(
+        self, dim: int, num_experts: int, top_k: int, *, noise: float = 0.0, ac: ACConfig | str | None = None
+    ):
+        super().__init__(dim, num_experts, top_k, "linear", "softmax_selected", noise, ac)
 
 
 class XMoERouter(Router):
@@ -250,27 +267,31 @@ class XMoERouter(Router):
         self,
         dim: int,
         num_experts: int,
-        k: int,
+        top_k: int,
         *,
         noise: float = 0.0,
         ac: ACConfig | str | None = None,
         proj_dim: int = 8,
     ):
-        super().__init__(dim, num_experts, k, "cosine", "softmax_selected", noise, ac, proj_dim=proj_dim)
+        super().__init__(dim, num_experts, top_k, "cosine", "softmax_selected", noise, ac, proj_dim=proj_dim)
 
 
 class StableMoERouter(Router):
     """StableMoE: ``h . e_k / |e_k|``; the ``lm`` AC router with M = I (no distill/freeze stage)."""
 
-    def __init__(self, dim: int, num_experts: int, k: int, *, noise: float = 0.0, ac: ACConfig | str | None = None):
-        super().__init__(dim, num_experts, k, "normed_dot", "softmax_selected", noise, ac)
+    def __init__(
+        self, dim: int, num_experts: int, top_k: int, *, noise: float = 0.0, ac: ACConfig | str | None = None
+    ):
+        super().__init__(dim, num_experts, top_k, "normed_dot", "softmax_selected", noise, ac)
 
 
 class RandomRouter(Router):
     """SMoE-dropout style: a frozen, randomly initialised linear gate ``W h + b``."""
 
-    def __init__(self, dim: int, num_experts: int, k: int, *, noise: float = 0.0, ac: ACConfig | str | None = None):
-        super().__init__(dim, num_experts, k, "linear", "softmax_selected", noise, ac, frozen=True)
+    def __init__(
+        self, dim: int, num_experts: int, top_k: int, *, noise: float = 0.0, ac: ACConfig | str | None = None
+    ):
+        super().__init__(dim, num_experts, top_k, "linear", "softmax_selected", noise, ac, frozen=True)
 
 
 _PRESET_SCORE_GATE = {
@@ -289,7 +310,7 @@ class ACRouter(Router):
         self,
         dim: int,
         num_experts: int,
-        k: int,
+        top_k: int,
         ac: ACConfig | str = "lm",
         *,
         score: str | None = None,
@@ -300,7 +321,7 @@ class ACRouter(Router):
             raise ValueError("ac: ACRouter needs a preset name or an ACConfig, got None")
         preset = ac if isinstance(ac, str) else "lm"
         default_score, default_gate = _PRESET_SCORE_GATE.get(preset, _PRESET_SCORE_GATE["lm"])
-        super().__init__(dim, num_experts, k, score or default_score, gate or default_gate, noise, ac)
+        super().__init__(dim, num_experts, top_k, score or default_score, gate or default_gate, noise, ac)
 
 
 ROUTERS: dict[str, type[Router]] = {
@@ -313,11 +334,11 @@ ROUTERS: dict[str, type[Router]] = {
 
 
 def build_router(
-    name: str, dim: int, num_experts: int, k: int, ac: ACConfig | str | None = None, noise: float = 0.0
+    name: str, dim: int, num_experts: int, top_k: int, ac: ACConfig | str | None = None, noise: float = 0.0
 ) -> Router:
     """A router by name (``ROUTERS``); ``"ac"`` with ``ac=None`` uses the ``lm`` preset."""
     if name not in ROUTERS:
         raise ValueError(f"router: expected one of {tuple(ROUTERS)} or a Router, got {name!r}")
     if name == "ac":
-        return ACRouter(dim, num_experts, k, ac if ac is not None else "lm", noise=noise)
-    return ROUTERS[name](dim, num_experts, k, noise=noise, ac=ac)
+        return ACRouter(dim, num_experts, top_k, ac if ac is not None else "lm", noise=noise)
+    return ROUTERS[name](dim, num_experts, top_k, noise=noise, ac=ac)

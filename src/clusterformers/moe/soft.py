@@ -1,4 +1,4 @@
-"""Soft MoE (Puigcerver et al., 2024) and its Adaptive Clustering variant (spec §3)."""
+"""Soft MoE (Puigcerver et al., 2024) and its Adaptive Clustering variant."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adaptive import ACConfig, AdaptiveMetric, resolve_ac
-from .layer import Experts, KeepsLastForward, LastForward, RoutingChain
-from .routers import RoutingState, check_finite, check_state
+from .layer import Experts, LastForward, RoutingLayer
+from .routers import RoutingState, check_finite, check_state, flatten_tokens
 
 __all__ = ["SoftMoE"]
 
 
-class SoftMoE(KeepsLastForward, nn.Module):
+class SoftMoE(RoutingLayer, nn.Module):
     """Soft MoE: every slot is a convex combination of the tokens of one sequence; every token a
     convex combination of the slots' outputs. No dropping, no aux loss.
 
@@ -26,15 +26,15 @@ class SoftMoE(KeepsLastForward, nn.Module):
         hidden: expert hidden size.
         ac: None, an AC preset name (``"softmoe"``) or an ``ACConfig``: the L2-normalised tokens are
             rescaled by m(i) (statistics over all B*m tokens) before logits and slots.
-        chain: a shared ``RoutingChain`` (see ``MoE``).
         gated: SwiGLU experts.
         state_k: k' of the routing state handed on: the top-k' of the E*p logits per token, expert =
             slot // p, weights = softmax of those k' logits (clamped to E*p).
+        check_inputs: raise on NaN/inf input (a host sync); ``None`` checks CPU inputs only.
 
-    ``forward(x[B, m, d], prev=None, token_mask=None, return_aux=False)``: ``token_mask`` bool
+    ``forward(x[B, m, d], prev=None, key_padding_mask=None, return_aux=False)``: ``key_padding_mask`` bool
     ``[B, m]`` with True = keep; masked tokens feed no slot and no statistic. Keeps ``.aux_loss`` (0),
-    ``.last_router_logits[B*m, E*p]``, ``.last_state`` and ``.last_stats`` like ``MoE``. A non-finite
-    input raises ValueError on CPU; on accelerators the layer is sync-free and does not check.
+    ``.last_router_logits[B*m, E*p]``, ``.last_state`` and ``.last_stats`` like ``MoE``, and threads
+    routing state through the model's shared state like ``MoE``.
     """
 
     def __init__(
@@ -44,10 +44,10 @@ class SoftMoE(KeepsLastForward, nn.Module):
         slots_per_expert: int,
         hidden: int,
         ac: ACConfig | str | None = None,
-        chain: RoutingChain | None = None,
         *,
         gated: bool = False,
         state_k: int = 8,
+        check_inputs: bool | None = None,
     ) -> None:
         super().__init__()
         if num_experts < 1 or slots_per_expert < 1:
@@ -61,37 +61,30 @@ class SoftMoE(KeepsLastForward, nn.Module):
         self.experts = Experts(num_experts, dim, hidden, gated)
         self.ac: ACConfig | None = resolve_ac(ac)
         self.metric = AdaptiveMetric(num_experts, dim, self.ac) if self.ac is not None else None
-        self.chain = chain
-        self.chain_position = chain.register() if chain is not None else None
+        self.check_inputs = check_inputs
         self.last_forward = LastForward()
 
     def extra_repr(self) -> str:
-        return f"state_k={self.state_k}, ac={self.ac}, chain_position={self.chain_position}"
+        return f"state_k={self.state_k}, ac={self.ac}, state_position={self.state_position}"
 
     def forward(
         self,
         x: Tensor,
         prev: RoutingState | None = None,
-        token_mask: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
         return_aux: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         if x.dim() != 3 or x.shape[-1] != self.dim or x.shape[0] * x.shape[1] == 0:
             raise ValueError(f"x: expected a non-empty [B, m, {self.dim}] tensor, got shape {tuple(x.shape)}")
-        if token_mask is not None and token_mask.shape != x.shape[:2]:
-            raise ValueError(
-                f"token_mask: expected shape {tuple(x.shape[:2])} (True = keep), got {tuple(token_mask.shape)}"
-            )
-        if x.device.type == "cpu":  # accelerators stay sync-free
-            check_finite(x, "x")
+        _, mask = flatten_tokens(x, self.dim, key_padding_mask, name="x")
+        check_finite(x, "x", self.check_inputs)
         B, n, d = x.shape
         E, p = self.num_experts, self.slots_per_expert
-        if prev is None and self.chain is not None:
-            prev = self.chain.read(self.chain_position)
+        prev = self.previous_state(prev)
         xh = F.normalize(x, dim=-1)
         stats = None
         if self.metric is not None and prev is not None:
             check_state(prev, E, B * n, self.ac.mix)
-            mask = token_mask.reshape(-1) if token_mask is not None else None
             m_tok, stats = self.metric(xh.reshape(B * n, d), prev.indices, prev.weights, mask)
             xh = xh * m_tok.view(B, n, d).to(xh.dtype)
         dtype = torch.promote_types(x.dtype, torch.float32)
@@ -99,8 +92,8 @@ class SoftMoE(KeepsLastForward, nn.Module):
             phi = self.scale.to(dtype) * F.normalize(self.phi.to(dtype), dim=0)
             logits = xh.to(dtype) @ phi  # [B, n, E*p]
         d_logits = logits
-        if token_mask is not None:
-            d_logits = logits.masked_fill(~token_mask.bool().unsqueeze(-1), torch.finfo(dtype).min)
+        if key_padding_mask is not None:
+            d_logits = logits.masked_fill(~key_padding_mask.unsqueeze(-1), torch.finfo(dtype).min)
         dispatch = torch.softmax(d_logits, dim=1)
         combine = torch.softmax(logits, dim=2)
         slots = torch.einsum("bnd,bns->bsd", xh, dispatch.to(xh.dtype))  # [B, E*p, d]
@@ -114,6 +107,5 @@ class SoftMoE(KeepsLastForward, nn.Module):
         state = RoutingState(slot // p, torch.softmax(top, dim=1), B * n, E)
         record = self.last_forward
         record.aux_loss, record.router_logits, record.state, record.stats = logits.new_zeros(()), flat, state, stats
-        if self.chain is not None:
-            self.chain.write(self.chain_position, state)
+        self.write_state(state)
         return (y, record.aux_loss) if return_aux else y

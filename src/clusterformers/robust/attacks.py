@@ -1,7 +1,7 @@
 """L∞ adversarial attacks on image classifiers in ``[0, 1]`` pixel space.
 
 All attacks use the **true** labels, keep ``‖x_adv − x‖∞ ≤ eps`` and clip to ``[0, 1]`` (the reference
-code attacked normalised inputs, unclipped, with predicted labels; ``shared/specs/elliptical.md`` §7).
+code of Elliptical Attention attacked normalised inputs, unclipped, with predicted labels).
 They run the model in eval mode and restore every submodule's mode afterwards; parameter gradients are
 neither computed nor touched. Everything happens on the input's device.
 
