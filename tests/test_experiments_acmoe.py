@@ -105,7 +105,8 @@ def test_ac_stats_switches_between_batch_and_running_statistics() -> None:
             assert torch.equal(batch, model(x))
     assert all(m.config.stats == "ema" for m in metrics)  # restored
     assert not torch.allclose(ema, batch)
-    batch_only = acmoe_synthetic.ResidualMoENet(104, 4, 16, 2, 4, 2, 8, {"router": "ac", "ac": "lm"})
+    batch_arm = {"router": "ac", "ac": {"preset": "lm", "stats": "batch"}}
+    batch_only = acmoe_synthetic.ResidualMoENet(104, 4, 16, 2, 4, 2, 8, batch_arm)
     with pytest.raises(ValueError, match="stats='ema'"), ac_stats(batch_only, "ema"):
         pass
     stable = acmoe_synthetic.build_model(study, "stablemoe", 0)

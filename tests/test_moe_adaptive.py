@@ -256,7 +256,7 @@ def test_presets_and_config_validation():
         "moe_input",
     )
     assert (soft.eps, soft.tau, soft.norm, soft.global_ref, soft.mix) == (0.35, 5.0, "global", "post_clamp", 8)
-    assert all(p.dispersion == "mad" and p.min_count == 2 and p.stats == "batch" for p in (lm, swin, soft))
+    assert all(p.dispersion == "mad" and p.min_count == 2 and p.stats == "ema" for p in (lm, swin, soft))
     assert ACConfig.preset("lm", stats="ema").stats == "ema"
     with pytest.raises(ValueError, match="preset"):
         ACConfig.preset("vit")

@@ -73,8 +73,8 @@ class ACConfig:
 
             - ``"batch"``: the current batch, in training and eval (the papers' code). A token's routing
               then depends on every other token of the batch, later positions of its own sequence included.
-            - ``"ema"``: BatchNorm-like: the batch in training, the running dispersion in eval, so eval is
-              batch-independent.
+            - ``"ema"`` (default): BatchNorm-like: the batch in training, the running dispersion in eval,
+              so eval is batch-independent.
             - ``"running"``: the running dispersion of *earlier* steps, in training and eval; each training
               step then folds its batch into the running value. A token's routing depends on no other token
               of its batch, so causal models stay causal and cached decoding equals uncached. The default
@@ -93,7 +93,7 @@ class ACConfig:
     mask_invalid: bool = True
     mix: int | None = None
     apply_to: str = "router"
-    stats: str = "batch"
+    stats: str = "ema"
     momentum: float = 0.1
     sync_stats: bool = False
 
