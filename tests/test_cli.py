@@ -76,3 +76,27 @@ def test_bench_runs_every_module_in_the_bench_dir(tmp_path: Path, capsys: pytest
     rec = json.loads(capsys.readouterr().out.strip())
     assert rec == {"name": "fake", "ratio": 0.5, "baseline": "sdpa", "shape": "x", "quick": True}
     assert cli.main(["bench", "--only", "nope", "--bench-dir", str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("level", ["byte", "word"])
+def test_train_lm_then_generate_from_its_run_directory(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                       level: str) -> None:
+    torch.set_num_threads(1)
+    text = tmp_path / "corpus.txt"
+    words = "the cat sat on the mat and the dog ran to the park with a red ball".split()
+    rng = np.random.default_rng(0)
+    text.write_text("\n\n".join(" ".join(rng.choice(words, 400)) for _ in range(12)))
+    out = tmp_path / "lm"
+    argv = ["train", "lm", "--attention", "elliptical", "--moe", "ac", "--level", level, "--data", str(text),
+            "--steps", "3", "--batch-size", "4", "--out", str(out), "--no-progress", "--device", "cpu"]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    gen = ["generate", "--checkpoint", str(out), "--prompt", "the cat", "--max-new-tokens", "6", "--device", "cpu"]
+    assert cli.main(gen) == 0
+    sample = capsys.readouterr().out.strip()
+    assert sample.startswith("the cat") and len(sample) > len("the cat")
+    assert cli.main(gen) == 0 and capsys.readouterr().out.strip() == sample  # seeded: the same sample
+    if level == "word":
+        assert len(sample.split()) == 2 + 6
+    assert cli.main(["generate", "--checkpoint", str(tmp_path), "--prompt", "x"]) == 2
+    assert "train lm" in capsys.readouterr().err

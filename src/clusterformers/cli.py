@@ -1,4 +1,4 @@
-"""The ``clusterformers`` command: ``reproduce``, ``train`` and ``bench``.
+"""The ``clusterformers`` command: ``reproduce``, ``train``, ``generate`` and ``bench``.
 
 Examples::
 
@@ -6,6 +6,7 @@ Examples::
     clusterformers reproduce --paper elliptical --seeds 5 --out runs/
     clusterformers train vit --attention elliptical --epochs 10
     clusterformers train lm --attention elliptical --data my_corpus.txt --steps 2000
+    clusterformers generate --checkpoint runs/train/lm-elliptical-none --prompt "the history of"
     clusterformers bench --json
     torchrun --nproc-per-node 2 -m clusterformers train vit --epochs 2
 """
@@ -119,6 +120,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from clusterformers.experiments.single import generate_text
+
+    top_k = args.top_k if args.top_k > 0 else None
+    _out(generate_text(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, top_k, args.seed,
+                       args.device))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clusterformers", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -154,6 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="auto")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("generate", help="continue a prompt with a language model trained by `train lm`")
+    g.add_argument("--checkpoint", required=True, help="the run directory of `clusterformers train lm`")
+    g.add_argument("--prompt", required=True, help="text to continue (words or bytes, as the model was trained)")
+    g.add_argument("--max-new-tokens", type=int, default=50)
+    g.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens (0 = all)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto")
+    g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="speed ratios against baselines measured in the same process")
     b.add_argument("--json", action="store_true", help="one JSON object per line")

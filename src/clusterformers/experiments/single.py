@@ -1,16 +1,22 @@
-"""One training run from the command line (``clusterformers train lm|vit``), on shipped or user data."""
+"""One training run from the command line (``clusterformers train lm|vit``), on shipped or user data, and
+sampling from a trained language model (``clusterformers generate``)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from clusterformers.checkpoint import load_checkpoint, write_json
 from clusterformers.experiments.common import batches, epoch_batch_fn
-from clusterformers.train import TrainConfig, resolve_device, train
+from clusterformers.train import CONFIG_FILE, TrainConfig, resolve_device, train
+
+VOCAB_FILE = "vocab.json"
 
 
 def _ffn(args: argparse.Namespace) -> tuple[str, dict]:
@@ -106,5 +112,57 @@ def train_lm(args: argparse.Namespace) -> dict:
     tcfg = TrainConfig(steps=args.steps, lr=args.lr, weight_decay=0.01, warmup_steps=every, log_every=every,
                        eval_every=every, ckpt_every=every, seed=args.seed, device=args.device,
                        progress=not args.no_progress)
-    res = train(model, loss_fn, batch_fn, tcfg, out_dir=_run_dir(args), eval_fn=eval_fn, resume=args.resume)
-    return {"run_dir": str(_run_dir(args)), "steps": res.step, **res.eval}
+    run_dir = _run_dir(args)
+    if corpus.vocab is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / VOCAB_FILE, corpus.vocab.itos)
+    extra = {"model": "lm", "level": args.level, "lm": dataclasses.asdict(cfg)}
+    res = train(model, loss_fn, batch_fn, tcfg, out_dir=run_dir, eval_fn=eval_fn, resume=args.resume,
+                extra_config=extra)
+    return {"run_dir": str(run_dir), "steps": res.step, **res.eval}
+
+
+def load_lm(run_dir: str | Path, device: str = "auto") -> tuple[torch.nn.Module, str, list[str] | None]:
+    """The language model of a ``clusterformers train lm`` run directory, in eval mode on ``device``.
+
+    Returns ``(model, level, itos)``; ``itos`` is the word vocabulary (None at byte level)."""
+    from clusterformers.models.transformer import TransformerLM, TransformerLMConfig
+
+    run_dir = Path(run_dir)
+    config_path = run_dir / CONFIG_FILE
+    if not config_path.exists():
+        raise FileNotFoundError(f"{config_path} not found: pass the run directory of `clusterformers train lm`")
+    extra = json.loads(config_path.read_text()).get("extra") or {}
+    if extra.get("model") != "lm" or "lm" not in extra:
+        raise ValueError(f"{config_path} does not describe a language model run (made by `clusterformers train lm`)")
+    model = TransformerLM(TransformerLMConfig(**extra["lm"]))
+    load_checkpoint(model, run_dir)
+    itos = None
+    if extra["level"] == "word":
+        vocab_path = run_dir / VOCAB_FILE
+        if not vocab_path.exists():
+            raise FileNotFoundError(f"{vocab_path} not found: a word-level run keeps its vocabulary there")
+        itos = json.loads(vocab_path.read_text())
+    return model.to(resolve_device(device)).eval(), extra["level"], itos
+
+
+def generate_text(run_dir: str | Path, prompt: str, max_new_tokens: int = 50, temperature: float = 0.8,
+                  top_k: int | None = 40, seed: int = 0, device: str = "auto") -> str:
+    """Continue ``prompt`` with the model of ``run_dir``; returns the prompt and its continuation."""
+    from clusterformers.data.text import Vocab, tokenize
+
+    model, level, itos = load_lm(run_dir, device)
+    if level == "byte":
+        ids = list(prompt.encode("utf-8"))
+    else:
+        vocab = Vocab(itos)
+        ids = vocab.encode(tokenize(prompt)).tolist()
+    if not ids:
+        raise ValueError("prompt: got no tokens; give some text to continue")
+    dev = next(model.parameters()).device
+    idx = torch.tensor([ids], dtype=torch.long, device=dev)
+    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                         generator=torch.Generator(device=dev).manual_seed(seed))[0].cpu()
+    if level == "byte":
+        return bytes(out.to(torch.uint8).tolist()).decode("utf-8", errors="replace")
+    return " ".join(Vocab(itos).decode(out))

@@ -320,7 +320,7 @@ class TransformerLM(nn.Module):
 
         Args:
             temperature: divides the logits; ``0`` picks the most likely token (greedy).
-            top_k: sample among the ``top_k`` most likely tokens only (None: all).
+            top_k: sample among the ``top_k`` most likely tokens only (None, or more than the vocabulary: all).
             use_cache: decode incrementally with a :class:`KVCache` (the same tokens as without it, for
                 every attention and FFN kind with batch-independent routing). Past the context the
                 window slides, and with learned positions every step then recomputes the window.
@@ -332,8 +332,8 @@ class TransformerLM(nn.Module):
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-        if top_k is not None and not 1 <= top_k <= self.cfg.vocab_size:
-            raise ValueError(f"top_k must lie in 1..{self.cfg.vocab_size} or be None, got {top_k}")
+        if top_k is not None and top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
         context = self.cfg.context
         cache: KVCache | None = None
         for _ in range(max_new_tokens):
@@ -350,7 +350,7 @@ class TransformerLM(nn.Module):
             else:
                 logits = logits / temperature
                 if top_k is not None:
-                    kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
             idx = torch.cat([idx, nxt], dim=1)
