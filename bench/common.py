@@ -36,6 +36,17 @@ def time_fn(
     return statistics.median(times)
 
 
+def interleaved(steps: dict[str, Callable[[], object]], warmup: int, reps: int, device: torch.device) -> dict:
+    """Median seconds per step; the steps alternate run by run so that drift on a shared machine hits all."""
+    for step in steps.values():
+        time_fn(step, warmup=warmup, reps=1, device=device)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, step in steps.items():
+            times[name].append(time_fn(step, warmup=0, reps=1, device=device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def record(name: str, ours: float, baseline: float, baseline_name: str, shape: str, **extra: object) -> dict:
     """One benchmark row: ``ratio`` is ours / baseline (lower is better)."""
     return {

@@ -18,28 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 from collections.abc import Callable
 
 import torch
-from common import device_of, record, time_fn  # bench/common.py: the script's folder is on sys.path
+from common import device_of, interleaved, record  # bench/common.py: the script's folder is on sys.path
 
 from clusterformers.moe import MoE, Router
 
 E, K, D, D_FF, T = 16, 2, 256, 512, 8192
 SHAPE = f"E={E} k={K} d={D} d_ff={D_FF} T={T}"
 TARGET_AC = 1.05  # AC / StableMoE forward + backward
-
-
-def _interleaved(steps: dict[str, Callable[[], None]], warmup: int, reps: int, device: torch.device) -> dict:
-    """Median seconds per step; the steps alternate run by run so that drift on a shared machine hits all."""
-    for step in steps.values():
-        time_fn(step, warmup=warmup, reps=1, device=device)
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(reps):
-        for name, step in steps.items():
-            times[name].append(time_fn(step, warmup=0, reps=1, device=device))
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _fwd_bwd(layer: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, **kwargs) -> Callable[[], None]:
@@ -59,7 +47,7 @@ def ac_overhead(dev: torch.device, warmup: int, reps: int, extra: dict) -> dict:
     grad = torch.randn(T, D, device=dev)
     with torch.no_grad():
         prev = MoE(D, E, K, D_FF).to(dev).router(x).state  # a previous layer's routing
-    times = _interleaved(
+    times = interleaved(
         {"ac": _fwd_bwd(ac, x, grad, prev=prev), "stable": _fwd_bwd(stable, x, grad)}, warmup, reps, dev
     )
     ratio = times["ac"] / times["stable"]
@@ -118,7 +106,7 @@ def dispatch_vs_mixtral(dev: torch.device, warmup: int, reps: int, extra: dict) 
         ("dispatch_fwd", {"ours": fwd(ours), "hf": fwd(hf)}),
         ("dispatch_fwd_bwd", {"ours": _fwd_bwd(ours, x, grad), "hf": _fwd_bwd(hf, x, grad)}),
     ]:
-        times = _interleaved(steps, warmup, reps, dev)
+        times = interleaved(steps, warmup, reps, dev)
         rows.append(
             record(
                 name,

@@ -32,7 +32,7 @@ PAPERS = {
     "acmoe": "clusterformers.experiments.acmoe",
     "fare": "clusterformers.experiments.fare",
 }
-BENCHES = ("attention", "moe", "contrastive")
+BENCHES = ("attention", "moe", "contrastive", "integrations")
 
 
 def _out(msg: str, err: bool = False) -> None:

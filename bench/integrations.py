@@ -1,0 +1,138 @@
+"""What the drop-in integrations cost: time per training step and per decoding step against the plain model.
+
+Each row is ours ÷ the same model without our layer, in the same process, the variants alternating run by
+run (``bench/common.py``):
+
+- ``hf_llama_elliptical_train`` / ``_decode``: a small Llama with ``attn_implementation="elliptical"`` vs
+  ``"sdpa"`` (same weights); one forward + backward on a batch, and one decoding step with a 127-token
+  cache.
+- ``hf_mixtral_ac_train``: a small Mixtral after ``use_ac_router`` (running statistics) vs the plain model.
+- ``lm_ac_running_train``: our ``TransformerLM`` with AC routing on running statistics (the causal default)
+  vs the papers' batch statistics: the time cost of the causal choice.
+
+Skipped with a record saying why when transformers is absent. The timm adapter is measured by its tests'
+environment (``make test-timm``). Run ``python bench/integrations.py [--quick] [--device ...] [--json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable
+
+import torch
+from common import device_of, interleaved, record  # bench/common.py: the script's folder is on sys.path
+
+from clusterformers.models.transformer import TransformerLM, TransformerLMConfig
+
+VOCAB, BATCH, SEQ, HIDDEN, LAYERS = 1000, 8, 128, 256, 4
+
+
+def _train_step(model: torch.nn.Module, idx: torch.Tensor, hf: bool) -> Callable[[], None]:
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        out = model(idx, labels=idx).loss if hf else model(idx).float().logsumexp(-1).mean()
+        out.backward()
+
+    return step
+
+
+def _decode_step(model: torch.nn.Module, idx: torch.Tensor) -> Callable[[], None]:
+    with torch.no_grad():
+        cache = model(idx[:, :-1], use_cache=True).past_key_values
+
+    def step() -> None:
+        with torch.no_grad():
+            model(idx[:, -1:], cache=cache)
+        cache.crop(-1)  # back to the prefix for the next repetition
+
+    return step
+
+
+def hf_rows(dev: torch.device, warmup: int, reps: int, extra: dict) -> list[dict]:
+    try:
+        import transformers
+
+        import clusterformers.integrations.hf as cfhf
+    except ImportError as err:
+        return [{"name": "hf_integrations", "skipped": f"transformers is not importable ({err})", **extra}]
+    cfhf.register()
+    torch.manual_seed(0)
+    llama_cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,
+                                         num_hidden_layers=LAYERS, num_attention_heads=8, num_key_value_heads=4,
+                                         max_position_embeddings=2 * SEQ)
+    plain = transformers.LlamaForCausalLM(llama_cfg).to(dev)
+    ours = transformers.LlamaForCausalLM(llama_cfg).to(dev)
+    ours.load_state_dict(plain.state_dict())
+    plain.set_attn_implementation("sdpa")
+    ours.set_attn_implementation("elliptical")
+    idx = torch.randint(0, VOCAB, (BATCH, SEQ), device=dev)
+    shape = f"Llama d={HIDDEN} L={LAYERS} heads 8/4 B={BATCH} N={SEQ}"
+    rows = []
+    t = interleaved({"ours": _train_step(ours, idx, True), "plain": _train_step(plain, idx, True)}, warmup, reps, dev)
+    rows.append(record("hf_llama_elliptical_train", t["ours"], t["plain"], "sdpa attention", shape, **extra))
+    for model in (ours, plain):
+        model.eval()
+    t = interleaved({"ours": _decode_step(ours, idx), "plain": _decode_step(plain, idx)}, warmup, reps, dev)
+    rows.append(record("hf_llama_elliptical_decode", t["ours"], t["plain"], "sdpa attention", shape + " cache 127",
+                       **extra))
+    mixtral_cfg = transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,
+                                             num_hidden_layers=LAYERS, num_attention_heads=8, num_key_value_heads=4,
+                                             num_local_experts=8, num_experts_per_tok=2)
+    plain = transformers.MixtralForCausalLM(mixtral_cfg).to(dev)
+    ours = transformers.MixtralForCausalLM(mixtral_cfg).to(dev)
+    ours.load_state_dict(plain.state_dict())
+    cfhf.use_ac_router(ours)
+    t = interleaved({"ours": _train_step(ours, idx, True), "plain": _train_step(plain, idx, True)}, warmup, reps, dev)
+    rows.append(record("hf_mixtral_ac_train", t["ours"], t["plain"], "Mixtral top-k router",
+                       f"Mixtral d={HIDDEN} L={LAYERS} E=8 k=2 B={BATCH} N={SEQ}", **extra))
+    return rows
+
+
+def lm_rows(dev: torch.device, warmup: int, reps: int, extra: dict) -> list[dict]:
+    def lm(stats: str) -> TransformerLM:
+        torch.manual_seed(0)
+        cfg = TransformerLMConfig(vocab_size=VOCAB, context=SEQ, dim=HIDDEN, depth=LAYERS, num_heads=8, dropout=0.0,
+                                  ffn="moe", ffn_kwargs={"router": "ac", "ac": {"preset": "lm", "stats": stats}})
+        return TransformerLM(cfg).to(dev)
+
+    running, batch = lm("running"), lm("batch")
+    idx = torch.randint(0, VOCAB, (BATCH, SEQ), device=dev)
+    t = interleaved({"ours": _train_step(running, idx, False), "plain": _train_step(batch, idx, False)}, warmup,
+                    reps, dev)
+    return [record("lm_ac_running_train", t["ours"], t["plain"], "AC batch statistics",
+                   f"TransformerLM d={HIDDEN} L={LAYERS} E=8 k=2 B={BATCH} N={SEQ}", **extra)]
+
+
+def run(quick: bool = False, device: str = "auto", threads: int | None = None) -> list[dict]:
+    """Integration-cost records (``bench/common.record`` + ``device``, ``threads``, ``reps``)."""
+    dev = device_of(device)
+    threads = threads or min(8, os.cpu_count() or 1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        warmup, reps = (1, 3) if quick else (3, 10)
+        extra = {"threads": threads, "device": str(dev), "reps": reps}
+        return [*hf_rows(dev, warmup, reps, extra), *lm_rows(dev, warmup, reps, extra)]
+    finally:
+        torch.set_num_threads(previous)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default min(8, cores))")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    args = parser.parse_args()
+    for row in run(quick=args.quick, device=args.device, threads=args.threads):
+        if args.json or "skipped" in row:
+            print(json.dumps(row))
+        else:
+            print(f"{row['name']:<30}{row['ratio']:7.3f}×  {1e3 * row['ours_s']:9.1f} ms vs "
+                  f"{1e3 * row['baseline_s']:9.1f} ms ({row['baseline']}; {row['shape']})")
+
+
+if __name__ == "__main__":
+    main()
