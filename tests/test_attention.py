@@ -1,4 +1,5 @@
-"""Elliptical Attention against slow references: the test oracles of ``specs/elliptical.md`` §4 (1–8).
+"""Elliptical Attention against slow references (identity = SDPA, a dense float64 layer, causality, padding,
+gradients, ranges, errors, estimator ranking).
 
 The references below use explicit loops, a dense ``diag_embed`` metric and an unfused softmax, in float64.
 """
@@ -121,7 +122,7 @@ def ref_layer(
 
 
 def thread(layer_fn: Callable, layers: list[nn.Module], x: Tensor, keep: Tensor | None = None) -> Tensor:
-    """Spec §3 threading, residual stream ``x + out``; layer 0 always gets ``v_prev=None``."""
+    """Values threaded by hand, residual stream ``x + out``; layer 0 always gets ``v_prev=None``."""
     v_prev = None
     for i, layer in enumerate(layers):
         out, v = layer_fn(layer, x, keep, v_prev if i > 0 else None)[:2]

@@ -1,5 +1,6 @@
 """The FARE study: paired batches, variants, report verdicts computed from numbers, and a tiny end-to-end
-run (results JSON, report markdown, figures, D12 columns in metrics.csv, resume from finished cells)."""
+run (results JSON, report markdown, figures, attention-diagnostic columns in metrics.csv, resume from
+finished cells)."""
 
 from __future__ import annotations
 
@@ -163,7 +164,7 @@ def test_gates_and_orderings_are_computed_from_the_numbers() -> None:
                    for i, r in enumerate(good["info_nce"])]
     _, verdicts = e1_tables(bad)
     assert not verdicts["gate1_infonce_lowest_mse"] and not verdicts["gate2_accuracy_cost"]
-    # the D12 warning: dist_ratio > 1 on three logged rows running
+    # the attention-diagnostic warning: dist_ratio > 1 on three logged rows running
     curve = {"step": [15, 30, 45, 60, 75, 90], "dist_ratio": [0.9, 1.1, 1.2, 0.95, 1.01, 1.3]}
     assert flip_step(curve) is None
     assert flip_step({**curve, "dist_ratio": [0.9, 1.1, 1.2, 1.05, 0.8, 0.8]}) == 60
@@ -198,7 +199,7 @@ def test_tiny_study_writes_results_report_and_figures(study) -> None:
     untrained = results["FARE — five contrastive losses on ColorMNIST"]["untrained"]
     assert len(untrained) == 2 and all(0 < r["accuracy"] <= 1 and r["mse"] > 0 for r in untrained)
     assert "untrained encoder" in report and "Digit accuracy change" in report
-    # D12 columns reach metrics.csv for FARE
+    # attention-diagnostic columns reach metrics.csv for FARE
     (metrics,) = list(out.glob("fare/e1-*/fare/seed0/metrics.csv"))
     with open(metrics) as f:
         rows = list(csv.DictReader(f))

@@ -1,4 +1,5 @@
-"""The AC transform against brute-force loops and the reference formula (spec §5, oracles 1, 2, 4-7, 10)."""
+"""The AC transform against brute-force loops and the reference formula:
+statistics, gradients, invalid clusters, EMA, equivariance, sync."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def float64_default():
 
 
 def brute_force(h, c, E, *, eps, tau, norm, global_ref, dispersion, min_count=2, mask_invalid=True, keep=None):
-    """Spec §1 written as plain Python loops over clusters, features and tokens."""
+    """The AC transform written as plain Python loops over clusters, features and tokens."""
     T, d = h.shape
     rows = {}
     counts = []

@@ -1,4 +1,4 @@
-"""Aux losses: the spec's hand-computed values, HuggingFace's function, masks and pooling (spec §5, oracle 9)."""
+"""Aux losses: hand-computed values, HuggingFace's function, masks and pooling."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Routing diagnostics in clusterformers.metrics against brute force and scikit-learn (spec §6)."""
+"""Routing diagnostics in clusterformers.metrics against brute force and scikit-learn."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Routers: one code path, exact M = I equivalence, fallbacks, scores, gates and bad inputs (spec §3, §5)."""
+"""Routers: one code path, exact M = I equivalence, fallbacks, scores, gates and bad inputs."""
 
 from __future__ import annotations
 

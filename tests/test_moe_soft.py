@@ -1,4 +1,4 @@
-"""SoftMoE and its AC variant against a slow loop over batches, slots and tokens (spec §3)."""
+"""SoftMoE and its AC variant against a slow loop over batches, slots and tokens."""
 
 from __future__ import annotations
 

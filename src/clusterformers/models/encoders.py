@@ -3,7 +3,7 @@
 ``LeNetEncoder``: conv 3→6→16→120 (5×5, tanh), 2×2 average pooling after the first two, linear 120→84, for
 32×32 RGB inputs. ``LinearCritic`` (SimCLR-style head of CCLK's ``critic.py``): Linear(84, 84, no bias) →
 BatchNorm → ReLU → Linear(84, 128, no bias) → BatchNorm(affine=False). The losses L2-normalise the head's
-output themselves; the linear probes read the 84-d encoder output (spec §6).
+output themselves; the linear probes read the 84-d encoder output (see docs/fare.md).
 """
 
 from __future__ import annotations
