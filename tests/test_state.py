@@ -248,3 +248,38 @@ def test_export_attention_with_a_mask() -> None:
     mask[0, 5:] = False
     program = torch.export.export(attn, (x, mask, v_prev))
     torch.testing.assert_close(program.module()(x, mask, v_prev), attn(x, mask, v_prev))
+
+
+def test_ddp_matches_one_process_on_the_union(tmp_path) -> None:
+    """Two gloo processes, each on its shard, train the elliptical AC-MoE LM to the state that one process
+    reaches on the union of the shards: the shared state works under DDP (routing is batch-independent
+    and the running statistics are synchronised, so sharding the batch changes nothing)."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from clusterformers.train import train
+
+    root = Path(__file__).resolve().parents[1]
+    worker = root / "tests" / "ddp_state_worker.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(root / "src"), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", str(worker),
+           str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ddp = load_file(str(tmp_path / "ddp.safetensors"))
+    spec = importlib.util.spec_from_file_location("ddp_state_worker", worker)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = mod.make_model()
+    train(model, mod.loss_fn, mod.union, mod.CFG)
+    state = model.state_dict()
+    assert state.keys() == ddp.keys()
+    for name, value in state.items():
+        torch.testing.assert_close(ddp[name], value, rtol=0, atol=1e-5, msg=name)
+    assert model.blocks[2].mlp.router.metric.running_seen.any()
