@@ -2,7 +2,7 @@
 
 Elliptical Attention (Nielsen et al., NeurIPS 2024) replaces the dot-product kernel ``q·k/√D`` by a
 Mahalanobis one, ``q diag(m) kᵀ/√D``, with ``m`` estimated, without parameters, from how the values of a
-head change between consecutive layers (the paper's Eq. 10-11; ``docs/elliptical.md``). A diagonal ``m``
+head change between consecutive layers (``docs/elliptical.md``). A diagonal ``m``
 only rescales the queries, so both modules call the fused ``F.scaled_dot_product_attention`` on ``q ⊙ m``.
 
 Both modules return a Tensor, like any attention layer. The values a later elliptical layer needs flow

@@ -54,7 +54,7 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class ACConfig:
-    """Settings of the AC transform (the paper's Eq. 9 with the choices in ``docs/acmoe.md``).
+    """Settings of the AC transform (the paper's method with the choices in ``docs/acmoe.md``).
 
     Attributes:
         dispersion: ``"mad"`` (mean absolute deviation) or ``"var"`` (mean squared deviation).
