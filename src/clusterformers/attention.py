@@ -124,6 +124,7 @@ def elliptical_metric(
     generator: torch.Generator | None = None,
     random_low: float = 0.0,
     check_inputs: bool | None = None,
+    prefix: PrefixSums | None = None,
 ) -> Tensor:
     """The diagonal Mahalanobis metric ``m`` of Elliptical Attention.
 
@@ -149,6 +150,8 @@ def elliptical_metric(
         random_low: lower end of the uniform draw for ``random``.
         check_inputs: check the mask's contents on the host (``None``: on CPU only; see
             :func:`check_inputs_default`).
+        prefix: for incremental causal decoding: the sums of the tokens before ``v`` (which then holds
+            the new tokens only, and the mask covers those), updated in place to include them.
 
     Returns:
         ``m`` in ``v``'s dtype (reduced in at least float32): ``[B, H, 1, D]``, or ``[B, H, N, D]`` for the
@@ -183,6 +186,8 @@ def elliptical_metric(
         return _normalise(random_low + (1.0 - random_low) * u, eps).to(v.dtype)
     if v_prev is None:
         raise ValueError(f"v_prev is required by estimator {estimator!r} (only identity/random accept None)")
+    if prefix is not None and not (causal and estimator in ("mean", "isotropic")):
+        raise ValueError(f"prefix: only the causal mean and isotropic estimators have prefix sums, got {estimator!r}")
     if estimator == "median" and causal:
         raise NotImplementedError("the median estimator is not implemented for causal attention (prefix median)")
     if detach:
@@ -197,12 +202,14 @@ def elliptical_metric(
         if keep is None:
             count = torch.arange(1, n + 1, device=a.device, dtype=rdtype)[None, None, :, None]
         else:
-            count = keep.to(rdtype).cumsum(dim=2).clamp_min(1.0)
+            count = keep.to(rdtype).cumsum(dim=2)
         if a.is_cuda:  # CUDA scans an outer dim sequentially over N, the last dim in parallel
             s = a.transpose(2, 3).cumsum(dim=3).transpose(2, 3).contiguous()
         else:
             s = a.cumsum_(dim=2)
-        s = s.div_(count)
+        if prefix is not None:
+            s, count = prefix.extend(s, count)
+        s = s.div_(count.clamp_min(1.0))
     else:
         # a Python divisor: a tensor made from n on the GPU would cost a host-to-device copy and a sync
         count = n if keep is None else keep.to(rdtype).sum(dim=2, keepdim=True)
@@ -213,16 +220,36 @@ def elliptical_metric(
     return m.to(v.dtype)
 
 
+class PrefixSums:
+    """Running ``Σ_t |v_t − v_prev,t|`` (``total [B, H, 1, D]``) and kept-token count (``count [B|1, 1, 1, 1]``)
+    of the tokens decoded so far: the causal metric of new tokens continues them instead of rescanning the
+    cache."""
+
+    def __init__(self) -> None:
+        self.total: Tensor | None = None
+        self.count: Tensor | None = None
+
+    def extend(self, cumsum: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+        """Offset the new tokens' prefix sums ``cumsum [B,H,q,D]`` and counts ``[.., q, 1]`` by the earlier
+        tokens' and remember the totals at the last new token."""
+        if self.total is not None:
+            cumsum, count = cumsum + self.total, count + self.count
+        self.total, self.count = cumsum[:, :, -1:].clone(), count[:, :, -1:].clone()
+        return cumsum, count
+
+
 class KVCache:
     """Keys and values of the tokens seen so far, per attention layer, for incremental decoding.
 
-    ``layers`` maps each attention module to its ``(k, v)``, both ``[B, H, T, D]``. A cache belongs to one
-    model (``owner``, set by the model that fills it) and one batch; :meth:`length` is T.
+    ``layers`` maps each attention module to its ``(k, v)``, both ``[B, H, T, D]``, and ``prefix`` each
+    elliptical module to the :class:`PrefixSums` of its causal metric. A cache belongs to one model
+    (``owner``, set by the model that fills it) and one batch; :meth:`length` is T.
     """
 
     def __init__(self, owner: nn.Module | None = None) -> None:
         self.owner = owner
         self.layers: dict[nn.Module, tuple[Tensor, Tensor]] = {}
+        self.prefix: dict[nn.Module, PrefixSums] = {}
 
     def length(self) -> int:
         """Cached tokens T (0 when empty)."""
@@ -315,7 +342,8 @@ class _Attention(StatefulLayer, nn.Module):
                 (and no state) makes this call plain attention for every estimator. Ignored by
                 :class:`MultiheadAttention`.
             kv_cache: a :class:`KVCache` (causal layers only): ``x`` holds the new tokens, the cache the
-                earlier ones; the causal metric is the prefix mean over all of them.
+                earlier ones; the causal metric is the prefix mean over all of them, continued from the
+                cache's running sums (no rescan of the cache).
             return_values: also return this layer's values, for threading by hand.
 
         Returns:
@@ -332,28 +360,33 @@ class _Attention(StatefulLayer, nn.Module):
         check = check_inputs_default(self.check_inputs, x)
         if check and not bool(torch.isfinite(x).all()):
             raise ValueError("x contains NaN or inf; check the inputs (or the previous layer) for overflow")
-        q, k, v = self.qkv(x).view(batch, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if kv_cache is not None:
-            k, v = kv_cache.append(self, k, v)
+        q, k, v_new = self.qkv(x).view(batch, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        k, v = kv_cache.append(self, k, v_new) if kv_cache is not None else (k, v_new)
         kv_len = k.shape[2]
         check_key_padding_mask(key_padding_mask, batch, kv_len, causal=self.causal, check_values=check)
         if v_prev is None and self.estimator is not None:
             v_prev = self.read_state()
         if self.estimator is not None and v_prev is not None:
+            prefix, keep, v_m, v_prev_m = None, key_padding_mask, v, v_prev
+            if kv_cache is not None and self.estimator in ("mean", "isotropic"):  # continue the running sums
+                prefix = kv_cache.prefix.setdefault(self, PrefixSums())
+                keep = None if keep is None else keep[:, -n:]
+                v_m, v_prev_m = v_new, v_prev[:, :, -n:] if v_prev.shape == v.shape else v_prev
             m = elliptical_metric(
-                v,
-                v_prev,
+                v_m,
+                v_prev_m,
                 causal=self.causal,
-                key_padding_mask=key_padding_mask,
+                key_padding_mask=keep,
                 estimator=self.estimator,
                 eps=self.eps,
                 detach=not self.metric_grad,
                 generator=self.generator,
                 random_low=self.random_low,
                 check_inputs=check,
+                prefix=prefix,
             )
             if m.shape[2] != 1:
-                m = m[:, :, kv_len - n :]
+                m = m[:, :, m.shape[2] - n :]
             if self.store_metric:
                 self.last_metric = m.detach()
             q = q * m

@@ -19,7 +19,8 @@ one metric per key/value head, shared by the queries of its group; with RoPE sha
 coordinates of each rotary pair, so scores stay relative-position ones) and attends with ``q ⊙ m``
 through HF's SDPA path. With a cache, the values are the cached ones, so cached decoding computes the same metric
 as a full forward (the prefix sums are recomputed over the cached values, O(T·d) per layer and step like
-attention itself). Layer 0 is plain attention.
+attention itself: HF does not hand the cache object to attention functions, so running sums would have no
+safe home). Layer 0 is plain attention.
 
 **The AC router** replaces each top-k router in place (its class becomes a subclass of the original, so
 parameter names, ``output_router_logits`` and HF's load-balancing loss are unchanged): the router scores
