@@ -283,3 +283,25 @@ def test_ddp_matches_one_process_on_the_union(tmp_path) -> None:
     for name, value in state.items():
         torch.testing.assert_close(ddp[name], value, rtol=0, atol=1e-5, msg=name)
     assert model.blocks[2].mlp.router.metric.running_seen.any()
+
+
+@pytest.mark.parametrize("stats", [None, "batch"])
+def test_vit_eval_is_batch_independent_by_default(stats: str | None) -> None:
+    """ViT AC layers train on batch statistics and evaluate on running ones (the default), so an image's
+    eval logits do not depend on the other images of its batch; the papers' batch statistics do."""
+    from clusterformers.models.vit import ViT, ViTConfig
+
+    torch.manual_seed(9)
+    ac = {"preset": "lm"} if stats is None else {"preset": "lm", "stats": stats}
+    model = ViT(ViTConfig(image_size=8, patch_size=4, dim=16, depth=3, num_heads=2, attention="elliptical",
+                          ffn="moe", ffn_kwargs={"num_experts": 4, "top_k": 2, "router": "ac", "ac": ac}))
+    model.train()
+    for s in range(3):
+        model(torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(s)))
+    model.eval()
+    a = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(10))
+    b = a.clone()
+    b[1:] = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        change = (model(a)[0] - model(b)[0]).abs().max().item()
+    assert change == 0.0 if stats is None else change > 1e-6
