@@ -221,7 +221,16 @@ def test_share_state_on_a_plain_sequential_and_explicit_overrides() -> None:
 
 
 def test_compile_fullgraph_attention_moe_softmoe() -> None:
+    import torch._inductor.config
+
     torch._dynamo.reset()
+    # scalar C++ kernels, as in the contrastive compile tests: half the g++ time on 2 cores, and one setting
+    # for the whole session (inductor's precompiled header follows the first setting it sees)
+    with torch._inductor.config.patch({"cpp.vec_isa_ok": False}):
+        _compile_fullgraph_attention_moe_softmoe()
+
+
+def _compile_fullgraph_attention_moe_softmoe() -> None:
     torch.manual_seed(7)
     attn = EllipticalAttention(16, 2, causal=True, check_inputs=False)
     x, v_prev = torch.randn(2, 6, 16), torch.randn(2, 2, 6, 8)

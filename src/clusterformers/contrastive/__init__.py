@@ -1,6 +1,6 @@
 """Fair contrastive losses on one code path: InfoNCE, Fair-InfoNCE, CCLK, FARE and SparseFARE.
 
-Every loss is :func:`weighted_nce` with different weights on the negatives (spec ``shared/specs/fare.md``).
+Every loss is :func:`weighted_nce` with different weights on the negatives (the method: ``docs/fare.md``).
 Imports only torch.
 """
 

@@ -1,4 +1,5 @@
-"""Time and memory of the losses versus batch size (spec E4), shared by ``bench/contrastive.py``.
+"""Time and memory of the losses versus batch size (the cost study of ``docs/fare.md``), shared by
+``bench/contrastive.py``.
 
 Peak memory is the peak of live tensor bytes during one loss forward+backward: on CUDA from
 ``torch.cuda.max_memory_allocated``, elsewhere from :class:`LiveTensorTracker`, a ``TorchDispatchMode`` that
@@ -88,7 +89,7 @@ class LiveTensorTracker(TorchDispatchMode):
 
 def make_loss(name: str, sensitive_dim: int = 3, **kwargs) -> ContrastiveLoss:
     """A loss by name (:data:`LOSSES`) with benchmark defaults: ``sparse_fare`` uses ``bucket_size=64``,
-    ``sparse_fare_nb4`` the D7 default ``n_buckets=4``, ``fair_info_nce`` a k=10 k-means fitted on
+    ``sparse_fare_nb4`` the default ``n_buckets=4``, ``fair_info_nce`` a k=10 k-means fitted on
     Gaussian attributes; ``check_inputs=False``; ``kwargs`` override."""
     common = {"check_inputs": False, "log_every": 0}
     if name == "info_nce":
@@ -231,7 +232,7 @@ def cost_curve(
     rss: bool = False,
     seed: int = 0,
 ) -> list[dict]:
-    """Loss forward+backward time and peak memory per batch size (spec E4).
+    """Loss forward+backward time and peak memory per batch size (the cost study of ``docs/fare.md``).
 
     Args:
         batch_sizes: increasing batch sizes.

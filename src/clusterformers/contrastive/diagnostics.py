@@ -1,4 +1,4 @@
-"""D12 diagnostics: does the negative weighting condition on the protected attribute?
+"""Attention diagnostics: does the negative weighting condition on the protected attribute?
 
 For anchor rows with weights ``p_ij`` (normalised over the support ``S_i``) and attribute distances
 ``d_ij = ‖ẑ_i − ẑ_j‖``: (a) the mean per-row Spearman correlation of ``p`` and ``d`` over ``S_i`` (want < 0:
@@ -44,7 +44,7 @@ def _masked_pearson(a: Tensor, b: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]
 
 @torch.no_grad()
 def weighting_diagnostics(weights: Tensor, dist: Tensor, support: Tensor) -> dict[str, float]:
-    """D12 (a)–(c) for rows of negative weights.
+    """Measures (a)–(c) of the module docstring for rows of negative weights.
 
     Args:
         weights: ``[r, n]`` non-negative weights of each anchor row (any scale; normalised here).

@@ -1,4 +1,4 @@
-"""Batch-independent discretisers turning a float protected attribute into groups (Fair-InfoNCE, spec §2).
+"""Batch-independent discretisers turning a float protected attribute into groups (for Fair-InfoNCE).
 
 Fit once on the training attributes; the groups of a sample never depend on its batch. ColorMNIST uses
 ``KMeansDiscretizer(k=10).fit(c / 255)``.

@@ -1,4 +1,4 @@
-"""The five losses as functions; each only builds ``log W`` and calls :func:`~.nce.weighted_nce` (spec §2).
+"""The five losses as functions; each only builds ``log W`` and calls :func:`~.nce.weighted_nce`.
 
 | loss          | ``W_ij`` (j ≠ i)                                   |
 |---------------|----------------------------------------------------|
@@ -9,8 +9,13 @@
 | sparse_fare   | ``(b−1) p_ij``, softmax over the LSH support ``S_i`` |
 
 Every function returns the scalar loss, or ``(loss, stats)`` with ``return_stats=True``; ``stats`` holds
-``loss``, ``support`` (mean number of weighted negatives per anchor), ``empty_rows`` / ``fallback_rows``
-(D8) and, when ``diagnostics`` is set, the D12 measures of :mod:`.diagnostics`.
+``loss``, ``support`` (mean number of weighted negatives per anchor), ``empty_rows`` (anchors without
+negatives) / ``fallback_rows`` (SparseFARE anchors with an empty bucket support, given the dense FARE row)
+and, when ``diagnostics`` is set, the attention diagnostics of :mod:`.diagnostics`.
+
+Compilation: with ``check_inputs=False`` and ``return_stats=False`` no function reads a tensor on the host
+(the stats are Python floats, so ``return_stats=True`` does). The exception is :func:`sparse_fare` with
+``impl="sorted"``, whose tile layout has data-dependent shapes (see there).
 """
 
 from __future__ import annotations
@@ -21,9 +26,15 @@ import torch
 from torch import Tensor
 
 from clusterformers.contrastive.diagnostics import weighting_diagnostics
-from clusterformers.contrastive.inputs import check_embeddings, check_sensitive, compute_dtype, one_hot_groups
+from clusterformers.contrastive.inputs import (
+    check_embeddings,
+    check_sensitive,
+    compute_dtype,
+    group_indicator,
+    one_hot_groups,
+)
 from clusterformers.contrastive.kernels import sensitive_kernel
-from clusterformers.contrastive.lsh import buckets_for_batch, build_block_plan, draw_rotations, hash_buckets
+from clusterformers.contrastive.lsh import buckets_for_batch, build_block_plan, draw_rotations, hash_buckets, tile_size
 from clusterformers.contrastive.lsh import support_mask as lsh_support_mask
 from clusterformers.contrastive.nce import LogWeightBlocks, segment_logsumexp, weighted_nce
 
@@ -46,7 +57,7 @@ def _finish(
 
 
 def _dense_stats(log_w: Tensor, dist_z: Tensor | None, diagnostics: bool) -> dict[str, float]:
-    """Row counts of a dense ``log W`` and, optionally, D12 on its first :data:`DIAG_ROWS` rows."""
+    """Row counts of a dense ``log W`` and, optionally, the diagnostics on its first :data:`DIAG_ROWS` rows."""
     with torch.no_grad():
         finite = torch.isfinite(log_w)
         finite.fill_diagonal_(False)
@@ -118,22 +129,23 @@ def fair_info_nce(
                 "integer groups or discretizer=KMeansDiscretizer(k).fit(train_attributes) (no batch-dependent rule)"
             )
         groups = discretizer(sens)
-        dist_z = sens
     else:
         groups = sens
-        dist_z = (groups[:, None] == torch.unique(groups)[None, :]).to(z1.dtype)
     same = groups[:, None] == groups[None, :]
     same.fill_diagonal_(False)
     log_w = torch.zeros(b, b, dtype=z1.dtype, device=z1.device).masked_fill(~same, _NEG_INF)
     nce = {"temperature": temperature, "negatives": negatives, "symmetric": symmetric}
-    stats = _dense_stats(log_w, dist_z, diagnostics) if return_stats else {}
+    stats = {}
+    if return_stats:
+        dist_z = sens if sens.is_floating_point() else group_indicator(groups, z1.dtype)
+        stats = _dense_stats(log_w, dist_z, diagnostics)
     return _finish(z1, z2, log_w, nce, return_stats, stats)
 
 
 @torch.no_grad()
 def cclk_weights(
     sensitive: Tensor, *, kernel: str = "cosine", lam: float = 0.01, bandwidth: float | None = None,
-    clip: float | None = 1e-6,
+    clip: float | None = 1e-6, check_errors: bool = True,
 ) -> Tensor:
     """CCLK's negative weights ``W = (b−1) Mᵀ``, ``M = (K_Z + λI)⁻¹ K_Z`` (fp64 ``linalg.solve``, no gradient).
 
@@ -142,6 +154,8 @@ def cclk_weights(
         kernel, bandwidth: see :func:`~.kernels.sensitive_kernel`.
         lam: ``λ > 0``.
         clip: ``M_ij < clip → 0``; ``None`` drops only ``M_ij <= 0``. ``M_ii = 0``.
+        check_errors: raise if ``K_Z + λI`` is singular (``linalg.solve``, a device sync on CUDA); False uses
+            ``linalg.solve_ex`` without the check (a singular system gives non-finite weights).
 
     Returns:
         float64 ``[b, b]``, ``W[i, j]`` the weight of negative ``j`` for anchor ``i``.
@@ -150,7 +164,8 @@ def cclk_weights(
         raise ValueError(f"lam must be > 0, got {lam}")
     b = sensitive.shape[0]
     k_z = sensitive_kernel(sensitive.double(), kernel, bandwidth)
-    m = torch.linalg.solve(k_z + lam * torch.eye(b, dtype=torch.float64, device=k_z.device), k_z)
+    system = k_z + lam * torch.eye(b, dtype=torch.float64, device=k_z.device)
+    m = torch.linalg.solve(system, k_z) if check_errors else torch.linalg.solve_ex(system, k_z)[0]
     m.fill_diagonal_(0.0)
     keep = m >= clip if clip is not None else m > 0
     return torch.where(keep, m, torch.zeros_like(m)).T * (b - 1)
@@ -181,19 +196,21 @@ def cclk(
         bandwidth: kernel bandwidth ``t``; ``None`` = per-batch median (rbf, laplacian), else 1.
         clip: ``M_ij < clip → 0`` (CCLK's ``weight_clip_threshold``); ``None`` drops only ``M_ij <= 0``
             (weights must be non-negative). ``M_ii = 0`` always.
+        check_inputs: raise on NaN/Inf, negative groups and a singular ``K_Z + λI``.
     """
     z1, z2 = check_embeddings(z1, z2, check_inputs)
     sens = check_sensitive(sensitive, z1.shape[0], z1.device, check_inputs)
     if not sens.is_floating_point():
-        sens = one_hot_groups(sens, int(sens.max()) + 1, z1.dtype)
-    log_w = torch.log(cclk_weights(sens, kernel=kernel, lam=lam, bandwidth=bandwidth, clip=clip)).to(z1.dtype)
+        sens = group_indicator(sens, z1.dtype)  # one-hot: the kernels depend only on equal / different groups
+    weights = cclk_weights(sens, kernel=kernel, lam=lam, bandwidth=bandwidth, clip=clip, check_errors=check_inputs)
+    log_w = torch.log(weights).to(z1.dtype)
     nce = {"temperature": temperature, "negatives": negatives, "symmetric": symmetric}
     stats = _dense_stats(log_w, sens, diagnostics) if return_stats else {}
     return _finish(z1, z2, log_w, nce, return_stats, stats)
 
 
 def standardize(z: Tensor, z_norm: str) -> Tensor:
-    """D1: ``"batch"`` = per-dimension ``(z − mean) / (std + 1e-6)`` with batch statistics; ``"none"``."""
+    """``"batch"``: per-dimension ``(z − mean) / (std + 1e-6)`` with batch statistics; ``"none"``: ``z``."""
     if z_norm not in Z_NORMS:
         raise ValueError(f"z_norm must be one of {Z_NORMS} here (the modules add 'running'), got {z_norm!r}")
     if z_norm == "none":
@@ -204,13 +221,13 @@ def standardize(z: Tensor, z_norm: str) -> Tensor:
 def _attribute(
     sensitive: Tensor, w_q: Tensor, b: int, device: torch.device, check: bool, z_norm: str
 ) -> tuple[Tensor, Tensor | None]:
-    """``ẑ`` ``[b, s]`` (one-hot for int groups, D9; then D1) and the groups (or ``None``)."""
+    """``ẑ`` ``[b, s]`` (int groups one-hot encoded, then standardised) and the groups (or ``None``)."""
     sens = check_sensitive(sensitive, b, device, check)
     s = w_q.shape[1]
     groups = None
     if not sens.is_floating_point():
         groups = sens
-        sens = one_hot_groups(sens, s, compute_dtype(w_q.dtype))
+        sens = one_hot_groups(sens, s, compute_dtype(w_q.dtype), check)
     elif sens.shape[1] != s:
         raise ValueError(f"sensitive has s = {sens.shape[1]} columns but sensitive_dim (w_q.shape[1]) is {s}")
     return standardize(sens, z_norm), groups
@@ -266,13 +283,14 @@ def fare(
     """FARE: ``W_ij = (b−1) p_ij``, ``p_i = softmax_{j≠i}(score(W_Q ẑ_i, W_K ẑ_j))`` (Eqs. 8–11).
 
     Args:
-        sensitive: float ``[b]`` / ``[b, s]`` or int groups ``[b]`` (one-hot to ``s`` columns, D9).
+        sensitive: float ``[b]`` / ``[b, s]`` or int groups ``[b]`` (one-hot to ``s`` columns).
         w_q, w_k: ``[d_k, s]`` projections (gradients flow to them); ``w_q = 0`` gives InfoNCE exactly.
         rho: softmax temperature ``ρ``; ``None`` = ``√d_k``.
-        score: ``"dot"`` (``q·k/ρ``) or ``"neg_sqdist"`` (``−‖q−k‖²/2ρ``), D2.
-        z_norm: ``"batch"`` or ``"none"``, D1.
-        neg_scale: ``"b-1"`` (uniform attention = InfoNCE) or ``"none"`` (``W = p``), D5.
-        mask_self: exclude ``j = i`` from the softmax (D4); False also weights ``e^{S_ii}`` by ``W_ii``.
+        score: ``"dot"`` (``q·k/ρ``) or ``"neg_sqdist"`` (``−‖q−k‖²/2ρ``).
+        z_norm: ``"batch"`` (standardise the attribute with batch statistics) or ``"none"``.
+        neg_scale: ``"b-1"`` (uniform attention = InfoNCE) or ``"none"`` (``W = p``).
+        mask_self: exclude ``j = i`` from the softmax; False also weights ``e^{S_ii}`` by ``W_ii``.
+        check_inputs: raise on NaN/Inf and on integer groups outside ``0..s-1``.
     """
     z1, z2 = check_embeddings(z1, z2, check_inputs)
     b = z1.shape[0]
@@ -307,6 +325,7 @@ def sparse_fare(
     hash_on: str = "z",
     impl: str = "sorted",
     generator: torch.Generator | None = None,
+    rotations: Tensor | None = None,
     buckets: Tensor | None = None,
     unit_rotations: bool = True,
     rho: float | None = None,
@@ -324,7 +343,13 @@ def sparse_fare(
     """SparseFARE: FARE's softmax restricted to the angular-LSH support ``S_i`` (:mod:`~.lsh`).
 
     ``W_ij = (b−1) p_ij`` with ``p_i`` a softmax over ``S_i``; an anchor with ``S_i = ∅`` falls back to
-    the dense FARE row (D8, ``stats["fallback_rows"]``). FARE arguments as in :func:`fare`.
+    the dense FARE row (its loss stays defined; ``stats["fallback_rows"]``). FARE arguments as in :func:`fare`.
+
+    Shapes and host reads: ``impl="dense"`` has fixed shapes (``[b, b]`` masks) and, with
+    ``check_inputs=False``, reads nothing on the host. ``impl="sorted"`` tiles each bucket, so the number of
+    tiles depends on the bucket sizes: it copies ``2 n_b + 1`` counts to the host once per call (also when
+    compiled: ``torch.compile`` traces it into one graph with data-dependent sizes, without recompiling as
+    the sizes change), and with given ``buckets`` it reads ``n_b = max + 1`` as well.
 
     Args:
         n_buckets: ``n_b`` (1 = no hashing, else even).
@@ -333,8 +358,11 @@ def sparse_fare(
         neighbours: extra buckets probed per round (multi-probe).
         hash_on: ``"z"`` (hash ``ẑ``, Definition 2) or ``"keys"`` (hash ``W_K ẑ``, ablation).
         impl: ``"sorted"`` (sort by bucket, tiles per bucket, never ``b×b``) or ``"dense"`` (reference).
-        generator: CPU generator for the random projections (``None``: global RNG).
-        buckets: long ``[b]`` given buckets (no hashing); int ``sensitive`` groups are the buckets (D9).
+        generator: CPU generator for the random projections (``None``: global RNG). A ``torch.Generator``
+            cannot be traced by ``torch.compile``; compile with ``generator=None`` or pass ``rotations``.
+        rotations: float ``[n_hashes, s', n_b/2]`` projections to use instead of drawing them (``s'`` the
+            hashed width: ``s`` for ``hash_on="z"``, ``d_k`` for ``"keys"``; ``n_b`` as above).
+        buckets: long ``[b]`` given buckets (no hashing); int ``sensitive`` groups are the buckets.
         unit_rotations: unit-length projection directions (see :mod:`~.lsh`).
     """
     if impl not in IMPLS:
@@ -349,21 +377,24 @@ def sparse_fare(
     zhat, groups = _attribute(sensitive, w_q, b, z1.device, check_inputs, z_norm)
     q, k, rho = _projections(zhat, w_q, w_k, rho, score, dtype)
     given = buckets if buckets is not None else groups
+    n_b: int | None = None
     if given is not None:
-        if given.shape != (b,) or given.is_floating_point() or bool((given < 0).any()):
+        if given.shape != (b,) or given.is_floating_point() or (check_inputs and bool((given < 0).any())):
             raise ValueError(f"buckets must be non-negative integers [b] = [{b}], got {list(given.shape)}")
         if neighbours:
             raise ValueError(f"neighbours must be 0 with given buckets or integer groups, got {neighbours}")
-        n_b = int(given.max()) + 1
         bucket_r, probe_r = given.to(z1.device).long()[None], given.to(z1.device).long()[None, :, None]
     else:
         n_b = buckets_for_batch(b, n_buckets, bucket_size)
         hashed = zhat if hash_on == "z" else k.detach()
-        rot = draw_rotations(
-            hashed.shape[1], n_b, n_hashes, generator=generator, device=z1.device, dtype=torch.float64,
-            unit=unit_rotations,
-        )
-        bucket_r, probe_r = hash_buckets(hashed, rot, neighbours)
+        if rotations is None:
+            rotations = draw_rotations(
+                hashed.shape[1], n_b, n_hashes, generator=generator, dtype=torch.float64, unit=unit_rotations
+            )
+        expected = (n_hashes, hashed.shape[1], n_b // 2)
+        if tuple(rotations.shape) != expected:
+            raise ValueError(f"rotations must be [n_hashes, s', n_b/2] = {list(expected)}, got {list(rotations.shape)}")
+        bucket_r, probe_r = hash_buckets(hashed, rotations.to(z1.device), neighbours)
     log_scale = _log_scale(b, neg_scale)
     nce = {"temperature": temperature, "negatives": negatives, "symmetric": symmetric}
     if impl == "dense":
@@ -373,7 +404,12 @@ def sparse_fare(
             mask = mask | torch.eye(b, dtype=torch.bool, device=mask.device)
         log_w = log_scale + torch.log_softmax(_scores(q, k, rho, score).masked_fill(~mask, _NEG_INF), dim=1)
     else:
-        plan = build_block_plan(bucket_r[0], probe_r[0], n_b, allow_self=not mask_self)
+        # the tile side must be a Python int: with given buckets it is chosen for the configured bucket count
+        # (only a performance choice), since their real number n_b is known only on the device
+        tile = tile_size(b, buckets_for_batch(b, n_buckets, bucket_size))
+        if n_b is None:
+            n_b = int(given.max()) + 1
+        plan = build_block_plan(bucket_r[0], probe_r[0], n_b, allow_self=not mask_self, tile=tile)
         n_tiles, tile = plan.query_idx.shape
         q_tiles = q.index_select(0, plan.query_idx.reshape(-1)).view(n_tiles, tile, -1)
         k_tiles = k.index_select(0, plan.key_idx.reshape(-1)).view(n_tiles, tile, -1)
@@ -386,7 +422,7 @@ def sparse_fare(
         stats = {
             "support": float(support.double().mean()),
             "fallback_rows": float(fallback.sum()),
-            "n_buckets": float(n_b),
+            "n_buckets": float(n_b if n_b is not None else int(given.max()) + 1),
         }
         if diagnostics:
             stats.update(_sparse_diagnostics(q, k, rho, score, zhat, bucket_r, probe_r))
@@ -397,7 +433,7 @@ def sparse_fare(
 def _sparse_diagnostics(
     q: Tensor, k: Tensor, rho: float, score: str, zhat: Tensor, bucket_r: Tensor, probe_r: Tensor
 ) -> dict[str, float]:
-    """D12 on the first :data:`DIAG_ROWS` anchors, from their dense support rows."""
+    """The attention diagnostics on the first :data:`DIAG_ROWS` anchors, from their dense support rows."""
     rows = torch.arange(min(q.shape[0], DIAG_ROWS), device=q.device)
     mask, _ = lsh_support_mask(bucket_r, probe_r, rows)
     p = torch.softmax(_scores(q[rows], k, rho, score).masked_fill(~mask, _NEG_INF), dim=1)

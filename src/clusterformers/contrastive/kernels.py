@@ -22,16 +22,22 @@ def _pair_sqdist(z: Tensor) -> Tensor:
     return (diff * diff).sum(-1)
 
 
-def median_bandwidth(z: Tensor, kernel: str) -> float:
-    """Median over pairs ``i < j`` of ``‖Δz‖²`` (rbf) or ``‖Δz‖`` (laplacian), 1.0 otherwise or if it is 0."""
+def _median_bandwidth(z: Tensor, kernel: str) -> Tensor | float:
+    """:func:`median_bandwidth` as a 0-d tensor (no device sync), or the float 1.0 for the other kernels."""
     if kernel not in ("rbf", "laplacian"):
         return 1.0
     b = z.shape[0]
+    if b < 2:
+        return 1.0
     iu = torch.triu_indices(b, b, offset=1, device=z.device)
     sq = _pair_sqdist(z)[iu[0], iu[1]]
-    vals = sq if kernel == "rbf" else sq.sqrt()
-    med = float(vals.median()) if vals.numel() else 0.0
-    return med if med > 0 else 1.0
+    med = (sq if kernel == "rbf" else sq.sqrt()).median()
+    return torch.where(med > 0, med, torch.ones_like(med))
+
+
+def median_bandwidth(z: Tensor, kernel: str) -> float:
+    """Median over pairs ``i < j`` of ``‖Δz‖²`` (rbf) or ``‖Δz‖`` (laplacian), 1.0 otherwise or if it is 0."""
+    return float(_median_bandwidth(z, kernel))
 
 
 def sensitive_kernel(z: Tensor, kernel: str = "cosine", bandwidth: float | None = None) -> Tensor:
@@ -40,7 +46,7 @@ def sensitive_kernel(z: Tensor, kernel: str = "cosine", bandwidth: float | None 
     Args:
         z: ``[b, s]`` raw sensitive attribute (CCLK uses it unscaled).
         kernel: one of :data:`KERNELS`.
-        bandwidth: ``t > 0``; ``None`` = :func:`median_bandwidth`.
+        bandwidth: ``t > 0``; ``None`` = :func:`median_bandwidth` (kept on the device: no sync).
 
     Returns:
         ``[b, b]`` in ``z``'s dtype.
@@ -49,7 +55,7 @@ def sensitive_kernel(z: Tensor, kernel: str = "cosine", bandwidth: float | None 
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if bandwidth is not None and not bandwidth > 0:
         raise ValueError(f"bandwidth must be > 0 or None (median heuristic), got {bandwidth}")
-    t = median_bandwidth(z, kernel) if bandwidth is None else float(bandwidth)
+    t = _median_bandwidth(z, kernel) if bandwidth is None else float(bandwidth)
     if kernel == "cosine":
         zn = F.normalize(z, dim=1, eps=1e-8)
         k = zn @ zn.T

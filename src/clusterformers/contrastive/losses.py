@@ -6,10 +6,17 @@ All five compute :func:`~.nce.weighted_nce`; they differ only in the weights ``W
     loss, stats = loss_fn(z1, z2, sensitive, return_stats=True)     # z1, z2: [b, d]; sensitive: [b, 3]
     opt = torch.optim.Adam([*model.parameters(), *loss_fn.parameters()])
 
-``stats`` always holds ``loss``, ``support`` and the D8 counts; every ``log_every``-th call (the first
-included) it also holds the D12 diagnostics ``spearman``, ``dist_ratio``, ``entropy``, ``eff_support``,
-computed without gradient. A ``dist_ratio`` above 1 on three diagnostic calls running logs a warning:
-the attention then prefers the most differently attributed negatives (spec §3, "Why D12").
+``stats`` always holds ``loss``, ``support`` and the row counts ``empty_rows`` / ``fallback_rows``; on every
+``log_every``-th call with ``return_stats=True`` (the first included) it also holds the attention diagnostics
+``spearman``, ``dist_ratio``, ``entropy``, ``eff_support``, computed without gradient. A ``dist_ratio`` above
+1 on three diagnostic calls running logs a warning: the weights then favour the negatives whose attribute
+differs most, the opposite of conditioning on it (why this happens: ``docs/fare.md``, "Diagnostics").
+
+``torch.compile``: with ``check_inputs=False`` a call ``loss_fn(z1, z2, sensitive)`` reads no tensor on the
+host, so ``torch.compile(loss_fn, fullgraph=True)`` traces forward and backward into one graph, reused as long
+as the shapes stay the same (exceptions of :class:`SparseFARELoss` in its docstring). A ``return_stats=True``
+call returns Python floats, which reads the device: it always runs eagerly (``torch.compiler.disable``), a graph
+break for a compiled module (``fullgraph=True`` raises on it), so ask for stats on logged steps only.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from torch import Tensor, nn
 from clusterformers.contrastive import functional as fn
 from clusterformers.contrastive.inputs import check_sensitive, compute_dtype, one_hot_groups
 from clusterformers.contrastive.kernels import KERNELS
+from clusterformers.contrastive.lsh import buckets_for_batch, draw_rotations
 from clusterformers.contrastive.nce import NEGATIVES
 
 logger = logging.getLogger(__name__)
@@ -31,15 +39,20 @@ Output = Tensor | tuple[Tensor, dict[str, float]]
 
 
 class ContrastiveLoss(nn.Module):
-    """Base class: common options, the diagnostics schedule and the D12 warning.
+    """Base class: common options, the diagnostics schedule and the ``dist_ratio`` warning.
 
     Args:
         temperature: ``τ`` of the embedding similarities.
         negatives: ``"both"`` (cross- and same-view negatives) or ``"cross"``.
         symmetric: average over both views' anchors.
-        check_inputs: raise on NaN/Inf inputs (a device sync per call).
-        log_every: compute the D12 diagnostics every this many calls with ``return_stats=True``
-            (0 = never).
+        check_inputs: check input values: NaN/Inf, negative integer groups, groups outside the one-hot width,
+            a singular CCLK system (each a device sync per call). With False the forward reads no tensor on the
+            host and compiles into one graph; shapes, dtypes and devices are checked either way.
+        log_every: compute the attention diagnostics on every this many calls with ``return_stats=True``, the
+            first included (0 = never). Only ``return_stats=True`` calls are counted, so calls without stats
+            (compiled or not) leave the schedule alone.
+
+    Subclasses implement ``_loss(..., return_stats, diagnostics)``; their ``forward`` calls :meth:`_run`.
     """
 
     def __init__(
@@ -60,7 +73,7 @@ class ContrastiveLoss(nn.Module):
             raise ValueError(f"log_every must be >= 0, got {log_every}")
         self.temperature, self.negatives, self.symmetric = temperature, negatives, symmetric
         self.check_inputs, self.log_every = check_inputs, log_every
-        self._calls = 0
+        self._calls = 0  # return_stats=True calls so far
         self._ratio_streak = 0
 
     def _common(self) -> dict:
@@ -71,21 +84,28 @@ class ContrastiveLoss(nn.Module):
             "check_inputs": self.check_inputs,
         }
 
-    def _diagnostics_due(self, return_stats: bool) -> bool:
-        due = return_stats and self.log_every > 0 and self._calls % self.log_every == 0
-        self._calls += 1
-        return due
+    def _loss(self, *args, return_stats: bool, diagnostics: bool, **kwargs) -> Output:
+        raise NotImplementedError
 
-    def _track(self, out: Output, return_stats: bool) -> Output:
+    def _run(self, *args, return_stats: bool = False, **kwargs) -> Output:
+        """The loss alone (traceable, no Python state touched) or, with ``return_stats``, :meth:`_run_with_stats`."""
         if not return_stats:
-            return out
+            return self._loss(*args, return_stats=False, diagnostics=False, **kwargs)
+        return self._run_with_stats(*args, **kwargs)
+
+    @torch.compiler.disable
+    def _run_with_stats(self, *args, **kwargs) -> tuple[Tensor, dict[str, float]]:
+        """Eager only: advances the diagnostics schedule, reads the stats on the host, tracks ``dist_ratio``."""
+        due = self.log_every > 0 and self._calls % self.log_every == 0
+        self._calls += 1
+        out = self._loss(*args, return_stats=True, diagnostics=due, **kwargs)
         ratio = out[1].get("dist_ratio")
         if ratio is not None:
             self._ratio_streak = self._ratio_streak + 1 if ratio > 1 else 0
             if self._ratio_streak == 3:
                 logger.warning(
                     "%s: dist_ratio > 1 on 3 diagnostic calls running (now %.3f): the negative weights favour "
-                    "samples with the most different sensitive attribute (spec D12)",
+                    "samples with the most different sensitive attribute (see docs/fare.md, Diagnostics)",
                     type(self).__name__,
                     ratio,
                 )
@@ -100,7 +120,9 @@ class InfoNCELoss(ContrastiveLoss):
     accepted for a uniform signature and ignored."""
 
     def forward(self, z1: Tensor, z2: Tensor, sensitive: Tensor | None = None, *, return_stats: bool = False) -> Output:
-        self._diagnostics_due(return_stats)
+        return self._run(z1, z2, return_stats=return_stats)
+
+    def _loss(self, z1: Tensor, z2: Tensor, *, return_stats: bool, diagnostics: bool) -> Output:
         return fn.info_nce(z1, z2, return_stats=return_stats, **self._common())
 
 
@@ -109,6 +131,8 @@ class FairInfoNCELoss(ContrastiveLoss):
 
     Args:
         discretizer: fitted callable float ``[b, s]`` → long ``[b]`` groups; required for float attributes.
+            :class:`~.discretize.KMeansDiscretizer` and :class:`~.discretize.GridDiscretizer` are traceable
+            (fixed shapes); fit them before compiling, outside the loss.
         **kwargs: :class:`ContrastiveLoss` options.
     """
 
@@ -117,12 +141,13 @@ class FairInfoNCELoss(ContrastiveLoss):
         self.discretizer = discretizer
 
     def forward(self, z1: Tensor, z2: Tensor, sensitive: Tensor, *, return_stats: bool = False) -> Output:
-        diag = self._diagnostics_due(return_stats)
-        out = fn.fair_info_nce(
-            z1, z2, sensitive, discretizer=self.discretizer, return_stats=return_stats, diagnostics=diag,
+        return self._run(z1, z2, sensitive, return_stats=return_stats)
+
+    def _loss(self, z1: Tensor, z2: Tensor, sensitive: Tensor, *, return_stats: bool, diagnostics: bool) -> Output:
+        return fn.fair_info_nce(
+            z1, z2, sensitive, discretizer=self.discretizer, return_stats=return_stats, diagnostics=diagnostics,
             **self._common(),
         )
-        return self._track(out, return_stats)
 
 
 class CCLKLoss(ContrastiveLoss):
@@ -146,27 +171,29 @@ class CCLKLoss(ContrastiveLoss):
         self.kernel, self.lam, self.bandwidth, self.clip = kernel, lam, bandwidth, clip
 
     def forward(self, z1: Tensor, z2: Tensor, sensitive: Tensor, *, return_stats: bool = False) -> Output:
-        diag = self._diagnostics_due(return_stats)
-        out = fn.cclk(
+        return self._run(z1, z2, sensitive, return_stats=return_stats)
+
+    def _loss(self, z1: Tensor, z2: Tensor, sensitive: Tensor, *, return_stats: bool, diagnostics: bool) -> Output:
+        return fn.cclk(
             z1, z2, sensitive, kernel=self.kernel, lam=self.lam, bandwidth=self.bandwidth, clip=self.clip,
-            return_stats=return_stats, diagnostics=diag, **self._common(),
+            return_stats=return_stats, diagnostics=diagnostics, **self._common(),
         )
-        return self._track(out, return_stats)
 
 
 class FARELoss(ContrastiveLoss):
     """FARE: attention over the sensitive attribute weights the negatives (learned ``W_Q``, ``W_K``).
 
     Args:
-        sensitive_dim: ``s``, columns of a float attribute or number of integer groups (one-hot, D9).
-        d_k: query/key width (D3); ignored when ``learn_projections=False`` (then ``d_k = s``).
+        sensitive_dim: ``s``, columns of a float attribute or number of integer groups (one-hot encoded; with
+            ``check_inputs=False`` a group ``>= s`` gets an all-zero row instead of an error).
+        d_k: query/key width; ignored when ``learn_projections=False`` (then ``d_k = s``).
         rho: ``ρ``; ``None`` = ``√d_k`` (``√s`` when fixed).
-        learn_projections: False = D11 ablation, ``W_Q = W_K = I`` as buffers.
-        score: ``"dot"`` or ``"neg_sqdist"`` (D2).
-        z_norm: ``"batch"``, ``"running"`` (EMA statistics with ``momentum``, updated in training, used in
-            both modes) or ``"none"`` (D1).
-        neg_scale: ``"b-1"`` or ``"none"`` (D5).
-        mask_self: exclude ``j = i`` from the softmax (D4).
+        learn_projections: False = the fixed-projection ablation, ``W_Q = W_K = I`` as buffers.
+        score: ``"dot"`` or ``"neg_sqdist"``.
+        z_norm: how the attribute is standardised: ``"batch"`` statistics, ``"running"`` (EMA statistics with
+            ``momentum``, updated in training, used in both modes) or ``"none"``.
+        neg_scale: ``"b-1"`` (uniform attention = InfoNCE) or ``"none"``.
+        mask_self: exclude ``j = i`` from the softmax.
         momentum: EMA factor of ``z_norm="running"``.
         **kwargs: :class:`ContrastiveLoss` options.
 
@@ -224,7 +251,7 @@ class FARELoss(ContrastiveLoss):
         groups = None
         if not sens.is_floating_point():
             groups = sens
-            sens = one_hot_groups(sens, self.sensitive_dim, compute_dtype(self.w_q.dtype))
+            sens = one_hot_groups(sens, self.sensitive_dim, compute_dtype(self.w_q.dtype), self.check_inputs)
         elif sens.shape[1] != self.sensitive_dim:
             raise ValueError(
                 f"sensitive has s = {sens.shape[1]} columns, expected sensitive_dim = {self.sensitive_dim}"
@@ -238,13 +265,14 @@ class FARELoss(ContrastiveLoss):
         return zhat, "none", groups
 
     def forward(self, z1: Tensor, z2: Tensor, sensitive: Tensor, *, return_stats: bool = False) -> Output:
-        diag = self._diagnostics_due(return_stats)
+        return self._run(z1, z2, sensitive, return_stats=return_stats)
+
+    def _loss(self, z1: Tensor, z2: Tensor, sensitive: Tensor, *, return_stats: bool, diagnostics: bool) -> Output:
         attribute, z_norm, _ = self._prepared(sensitive, z1.shape[0], z1.device)
-        out = fn.fare(
-            z1, z2, attribute, self.w_q, self.w_k, z_norm=z_norm, return_stats=return_stats, diagnostics=diag,
+        return fn.fare(
+            z1, z2, attribute, self.w_q, self.w_k, z_norm=z_norm, return_stats=return_stats, diagnostics=diagnostics,
             **self._fare_kwargs(), **self._common(),
         )
-        return self._track(out, return_stats)
 
     def extra_repr(self) -> str:
         rho = self.rho if self.rho is not None else math.sqrt(self.w_q.shape[0])
@@ -256,14 +284,14 @@ class FARELoss(ContrastiveLoss):
 
 
 class SparseFARELoss(FARELoss):
-    """SparseFARE: FARE restricted to angular-LSH buckets of the sensitive attribute (spec §2).
+    """SparseFARE: FARE restricted to angular-LSH buckets of the sensitive attribute.
 
     Args:
         sensitive_dim: as :class:`FARELoss` (all its options apply).
-        n_buckets: ``n_b`` (1 or even), D7 default 4.
+        n_buckets: ``n_b`` (1 or even); default 4.
         bucket_size: target bucket size ``c`` (``n_b = 2⌈b/2c⌉``, sub-quadratic), overrides ``n_buckets``.
         n_hashes: hash rounds (``impl="dense"`` for > 1).
-        neighbours: extra buckets probed (multi-probe), D7.
+        neighbours: extra buckets probed (multi-probe).
         hash_on: ``"z"`` or ``"keys"``.
         impl: ``"sorted"`` or ``"dense"`` (reference).
         generator: CPU generator for the projections drawn at every training call (``None``: global RNG).
@@ -271,7 +299,25 @@ class SparseFARELoss(FARELoss):
         unit_rotations: unit-length projection directions (:mod:`~.lsh`).
 
     ``forward(z1, z2, sensitive, buckets=None, return_stats=False)``: ``buckets`` (long ``[b]``) replaces
-    hashing; integer ``sensitive`` groups are the buckets (D9).
+    hashing; integer ``sensitive`` groups are the buckets.
+
+    ``torch.compile(loss_fn, fullgraph=True)`` with ``check_inputs=False`` traces the loss, forward and
+    backward, into one graph in training and in eval mode. What stays data-dependent or cannot be traced:
+
+    - ``impl="sorted"`` (the default) tiles each bucket, so the *number* of tiles depends on the bucket sizes:
+      the plan copies ``2 n_b + 1`` bucket counts to the host once per call, compiled too (the graph has
+      data-dependent sizes, so new bucket sizes do not recompile it). An exact sub-quadratic tiling has no
+      fixed shape: one bucket may hold the whole batch. ``impl="dense"`` has fixed ``[b, b]`` shapes and
+      reads nothing on the host.
+    - With given ``buckets`` or integer groups, ``impl="sorted"`` also reads ``n_b = max + 1`` on the host.
+    - ``generator``: dynamo cannot trace a ``torch.Generator`` ("Failed to convert args/kwargs to proxy"), so
+      compile a module in training mode with ``generator=None``. Its projections then come from the global
+      RNG; inside a compiled graph that is inductor's RNG, whose draws differ from eager ones unless
+      ``torch._inductor.config.fallback_random = True``.
+    - Eval mode: the projections for ``n_b`` buckets are drawn once from ``eval_seed`` and cached. With
+      ``n_buckets`` that happens here, at construction; with ``bucket_size``, ``n_b`` depends on the batch
+      size and drawing needs a ``torch.Generator``, so run one eager eval call per batch size before a
+      compiled one.
     """
 
     def __init__(
@@ -305,6 +351,20 @@ class SparseFARELoss(FARELoss):
         self.n_buckets, self.bucket_size, self.n_hashes, self.neighbours = n_buckets, bucket_size, n_hashes, neighbours
         self.hash_on, self.impl, self.generator, self.eval_seed = hash_on, impl, generator, eval_seed
         self.unit_rotations = unit_rotations
+        self._eval_rotations: dict[tuple, Tensor] = {}  # CPU float64, keyed by everything they depend on
+        if bucket_size is None:
+            self.eval_rotations(n_buckets)
+
+    def eval_rotations(self, n_b: int) -> Tensor:
+        """The eval-mode projections ``[n_hashes, s', n_b/2]`` (CPU float64): drawn from ``eval_seed`` once."""
+        dim = self.sensitive_dim if self.hash_on == "z" else self.w_k.shape[0]
+        key = (n_b, dim, self.n_hashes, self.eval_seed, self.unit_rotations)
+        rot = self._eval_rotations.get(key)
+        if rot is None:
+            gen = torch.Generator().manual_seed(self.eval_seed)
+            rot = draw_rotations(dim, n_b, self.n_hashes, generator=gen, dtype=torch.float64, unit=self.unit_rotations)
+            self._eval_rotations[key] = rot
+        return rot
 
     def forward(
         self,
@@ -315,17 +375,25 @@ class SparseFARELoss(FARELoss):
         buckets: Tensor | None = None,
         return_stats: bool = False,
     ) -> Output:
-        diag = self._diagnostics_due(return_stats)
+        return self._run(z1, z2, sensitive, buckets=buckets, return_stats=return_stats)
+
+    def _loss(
+        self, z1: Tensor, z2: Tensor, sensitive: Tensor, *, buckets: Tensor | None, return_stats: bool,
+        diagnostics: bool,
+    ) -> Output:
         attribute, z_norm, groups = self._prepared(sensitive, z1.shape[0], z1.device)
-        generator = self.generator if self.training else torch.Generator().manual_seed(self.eval_seed)
-        out = fn.sparse_fare(
+        given = buckets if buckets is not None else groups
+        hashed = given is None and isinstance(attribute, Tensor) and attribute.is_floating_point()
+        rotations = None
+        if hashed and not self.training:
+            rotations = self.eval_rotations(buckets_for_batch(z1.shape[0], self.n_buckets, self.bucket_size))
+        return fn.sparse_fare(
             z1, z2, attribute, self.w_q, self.w_k, n_buckets=self.n_buckets, bucket_size=self.bucket_size,
             n_hashes=self.n_hashes, neighbours=self.neighbours, hash_on=self.hash_on, impl=self.impl,
-            generator=generator, buckets=buckets if buckets is not None else groups,
-            unit_rotations=self.unit_rotations, z_norm=z_norm, return_stats=return_stats, diagnostics=diag,
+            generator=self.generator if self.training else None, rotations=rotations, buckets=given,
+            unit_rotations=self.unit_rotations, z_norm=z_norm, return_stats=return_stats, diagnostics=diagnostics,
             **self._fare_kwargs(), **self._common(),
         )
-        return self._track(out, return_stats)
 
     def extra_repr(self) -> str:
         size = f"bucket_size={self.bucket_size}" if self.bucket_size is not None else f"n_buckets={self.n_buckets}"

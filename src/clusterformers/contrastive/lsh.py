@@ -77,7 +77,7 @@ def hash_buckets(x: Tensor, rotations: Tensor, neighbours: int = 0) -> tuple[Ten
 
 
 def support_mask(buckets: Tensor, probes: Tensor, rows: Tensor | None = None) -> Tensor:
-    """Dense reference support with the empty-support fallback (D8), for anchors ``rows`` (default: all).
+    """Dense reference support with the empty-support fallback, for anchors ``rows`` (default: all).
 
     ``mask[k, j]`` is True when ``j ≠ i = rows[k]`` and ``h_r(j) ∈ P_r(i)`` for some round ``r``; an anchor
     with no such ``j`` attends to every ``j ≠ i``.
@@ -108,7 +108,7 @@ class BlockPlan:
         key_idx: long ``[P, T]`` candidate negatives of each tile (padding → 0).
         invalid: bool ``[P, T, T]``, True for pairs outside the support (padding, and self pairs unless
             allowed).
-        fallback: bool ``[b]``, anchors whose support was empty and that attend to every ``j ≠ i`` (D8).
+        fallback: bool ``[b]``, anchors whose support was empty and that attend to every ``j ≠ i``.
         support: long ``[b]``, ``|S_i|`` (j ≠ i) after the fallback.
     """
 
@@ -149,7 +149,9 @@ def build_block_plan(
     bucket (``O(b log b)`` on the device); each bucket's query tiles meet each of its key tiles, so the cost
     is ``Σ_k nq_k n_k ≈ b·c`` for buckets of size ``c``. Anchors with an empty support get one extra
     segment against all ``b`` keys. The tile layout depends only on the bucket sizes: it is laid out on the
-    CPU from one small device-to-host copy and sent back as one array.
+    CPU from one small device-to-host copy (``2 n_b + 1`` counts) and sent back as one array. The number of
+    tiles is data-dependent; every other shape is fixed, and no Python branch reads a tensor, so
+    ``torch.compile`` traces the plan into one graph with unbacked (data-dependent) sizes.
 
     Args:
         bucket: long ``[b]`` own bucket of each sample.
@@ -161,21 +163,21 @@ def build_block_plan(
     b, n_probe = probe.shape
     dev = bucket.device
     tile = tile_size(b, n_buckets) if tile is None else tile
-    key_counts = torch.bincount(bucket, minlength=n_buckets)
+    target = probe.reshape(-1)
+    key_counts = torch.zeros(n_buckets, dtype=torch.long, device=dev).index_add_(0, bucket, torch.ones_like(bucket))
+    query_counts = torch.zeros(n_buckets, dtype=torch.long, device=dev).index_add_(0, target, torch.ones_like(target))
     support = key_counts[probe].sum(dim=1) - 1
     fallback = support == 0
-    target = probe.reshape(-1)
     query_order = torch.div(torch.argsort(target, stable=True), n_probe, rounding_mode="floor")
-    counts = torch.cat([torch.bincount(target, minlength=n_buckets), key_counts, fallback.sum()[None]]).cpu()
-    n_fb = int(counts[-1])
+    counts = torch.cat([query_counts, key_counts, fallback.sum()[None]]).cpu()
     q_counts = torch.cat([counts[:n_buckets], counts[-1:]])
-    k_counts = torch.cat([counts[n_buckets:-1], torch.tensor([b if n_fb else 0])])
+    k_counts = torch.cat([counts[n_buckets:-1], torch.where(counts[-1:] > 0, b, 0)])
     q_starts, k_starts = torch.cumsum(q_counts, 0) - q_counts, torch.cumsum(k_counts, 0) - k_counts
     active = (q_counts > 0) & (k_counts > 0)
     q_seg, q_pos, q_mask = _tiles(q_starts, q_counts * active, tile)
-    k_seg, k_pos, k_mask = _tiles(k_starts, k_counts * active, tile)
+    _, k_pos, k_mask = _tiles(k_starts, k_counts * active, tile)
     # every query tile of a segment meets every key tile of it
-    k_tiles = torch.bincount(k_seg, minlength=len(k_counts))
+    k_tiles = (k_counts * active + tile - 1) // tile
     reps = k_tiles[q_seg]
     pair_q = torch.repeat_interleave(torch.arange(len(q_seg)), reps)
     pair_k = (torch.cumsum(k_tiles, 0) - k_tiles)[q_seg][pair_q] + torch.arange(len(pair_q)) - (

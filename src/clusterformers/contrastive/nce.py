@@ -1,7 +1,7 @@
 """The one code path of every loss here: InfoNCE whose negatives carry weights ``W_ij >= 0``.
 
 For ``b`` anchors with two views, ``u_i, v_i`` the L2-normalised embeddings and ``τ`` the temperature,
-``S_ij = u_i·v_j/τ``, ``A_ij = u_i·u_j/τ``, ``B_ij = v_i·v_j/τ`` and (spec §2)::
+``S_ij = u_i·v_j/τ``, ``A_ij = u_i·u_j/τ``, ``B_ij = v_i·v_j/τ`` and::
 
     ℓ¹_i = −S_ii + log( e^{S_ii} + Σ_j W_ij e^{S_ij} + β Σ_{j≠i} W_ij e^{A_ij} )
     ℓ²_i = −S_ii + log( e^{S_ii} + Σ_j W_ij e^{S_ji} + β Σ_{j≠i} W_ij e^{B_ij} )
@@ -129,13 +129,17 @@ def weighted_nce_rows(
     u = F.normalize(z1, dim=1)
     v = F.normalize(z2, dim=1)
     b, d = u.shape
-    views = torch.stack([u, v], dim=1)  # [b, 2, d]
+    uv = torch.cat([u, v])  # [2b, d]: row i is u_i, row b + i is v_i
     blocks = isinstance(log_w, LogWeightBlocks)
     if blocks:
         query, key, lw = log_w.query_idx, log_w.key_idx, log_w.log_w.to(u.dtype)
         n_tiles, t_q, t_k = lw.shape
-        xq = (views / temperature).index_select(0, query.reshape(-1)).view(n_tiles, 2 * t_q, d)
-        xk = views.index_select(0, key.reshape(-1)).view(n_tiles, t_k, 2, d).transpose(1, 2)
+        # Anchors in (anchor, view) order, negatives in (view, negative) order, each one gather from the 2-D
+        # [u; v]: with a data-dependent tile count, inductor (PyTorch 2.13) miscompiles a bmm on a gather of
+        # 3-D rows merged by a view, and on a transposed reshape.
+        query_rows = torch.stack([query, query + b], dim=2).reshape(-1)
+        xq = (uv / temperature).index_select(0, query_rows).view(n_tiles, 2 * t_q, d)
+        xk = uv.index_select(0, torch.cat([key, key + b], dim=1).reshape(-1)).view(n_tiles, 2 * t_k, d)
     else:
         if tuple(log_w.shape) != (b, b):
             raise ValueError(f"log_w must be [b, b] = {[b, b]} to match z1, got {list(log_w.shape)}")
@@ -143,8 +147,8 @@ def weighted_nce_rows(
         diag = torch.logaddexp(torch.zeros((), dtype=u.dtype, device=u.device), log_w.diagonal().to(u.dtype))
         lw = torch.diagonal_scatter(log_w.to(u.dtype), diag)[None]
         n_tiles, t_q, t_k = 1, b, b
-        xq, xk = (views / temperature).view(1, 2 * b, d), views.transpose(0, 1)[None]
-    sims = torch.bmm(xq, xk.reshape(n_tiles, 2 * t_k, d).transpose(1, 2)).view(n_tiles, t_q, 2, 2, t_k)
+        xq, xk = (torch.stack([u, v], dim=1) / temperature).view(1, 2 * b, d), uv[None]
+    sims = torch.bmm(xq, xk.transpose(1, 2)).view(n_tiles, t_q, 2, 2, t_k)
     logits = sims + lw[:, :, None, None, :]
     # Entries that are not negatives are set to -inf without autograd: the logsumexp below gives such entries
     # exactly zero gradient, so the gradient of the unmasked sum is the true one (and no mask is saved).
