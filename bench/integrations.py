@@ -9,6 +9,8 @@ run (``bench/common.py``):
 - ``hf_mixtral_ac_train``: a small Mixtral after ``use_ac_router`` (running statistics) vs the plain model.
 - ``lm_ac_running_train``: our ``TransformerLM`` with AC routing on running statistics (the causal default)
   vs the papers' batch statistics: the time cost of the causal choice.
+- ``lm_elliptical_decode``: one cached decoding step of our elliptical ``TransformerLM`` (running metric
+  sums in the cache) vs the softmax one, at a 127-token cache.
 
 Skipped with a record saying why when transformers is absent. The timm adapter is measured by its tests'
 environment (``make test-timm``). Run ``python bench/integrations.py [--quick] [--device ...] [--json]``.
@@ -17,6 +19,7 @@ environment (``make test-timm``). Run ``python bench/integrations.py [--quick] [
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 from collections.abc import Callable
@@ -24,6 +27,7 @@ from collections.abc import Callable
 import torch
 from common import device_of, interleaved, record  # bench/common.py: the script's folder is on sys.path
 
+from clusterformers.attention import KVCache
 from clusterformers.models.transformer import TransformerLM, TransformerLMConfig
 
 VOCAB, BATCH, SEQ, HIDDEN, LAYERS = 1000, 8, 128, 256, 4
@@ -62,12 +66,17 @@ def hf_rows(dev: torch.device, warmup: int, reps: int, extra: dict) -> list[dict
     llama_cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,
                                          num_hidden_layers=LAYERS, num_attention_heads=8, num_key_value_heads=4,
                                          max_position_embeddings=2 * SEQ)
-    plain = transformers.LlamaForCausalLM(llama_cfg).to(dev)
-    ours = transformers.LlamaForCausalLM(llama_cfg).to(dev)
+    # one config object each: set_attn_implementation writes to the model's config
+    plain = transformers.LlamaForCausalLM(copy.deepcopy(llama_cfg)).to(dev)
+    ours = transformers.LlamaForCausalLM(copy.deepcopy(llama_cfg)).to(dev)
     ours.load_state_dict(plain.state_dict())
     plain.set_attn_implementation("sdpa")
     ours.set_attn_implementation("elliptical")
     idx = torch.randint(0, VOCAB, (BATCH, SEQ), device=dev)
+    with torch.no_grad():
+        differs = (plain(idx[:1]).logits - ours(idx[:1]).logits).abs().max().item()
+    if not differs > 0:
+        raise RuntimeError("the elliptical Llama computes the sdpa one's logits: the benchmark would compare equals")
     shape = f"Llama d={HIDDEN} L={LAYERS} heads 8/4 B={BATCH} N={SEQ}"
     rows = []
     t = interleaved({"ours": _train_step(ours, idx, True), "plain": _train_step(plain, idx, True)}, warmup, reps, dev)
@@ -80,8 +89,8 @@ def hf_rows(dev: torch.device, warmup: int, reps: int, extra: dict) -> list[dict
     mixtral_cfg = transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,
                                              num_hidden_layers=LAYERS, num_attention_heads=8, num_key_value_heads=4,
                                              num_local_experts=8, num_experts_per_tok=2)
-    plain = transformers.MixtralForCausalLM(mixtral_cfg).to(dev)
-    ours = transformers.MixtralForCausalLM(mixtral_cfg).to(dev)
+    plain = transformers.MixtralForCausalLM(copy.deepcopy(mixtral_cfg)).to(dev)
+    ours = transformers.MixtralForCausalLM(copy.deepcopy(mixtral_cfg)).to(dev)
     ours.load_state_dict(plain.state_dict())
     cfhf.use_ac_router(ours)
     t = interleaved({"ours": _train_step(ours, idx, True), "plain": _train_step(plain, idx, True)}, warmup, reps, dev)
@@ -101,8 +110,36 @@ def lm_rows(dev: torch.device, warmup: int, reps: int, extra: dict) -> list[dict
     idx = torch.randint(0, VOCAB, (BATCH, SEQ), device=dev)
     t = interleaved({"ours": _train_step(running, idx, False), "plain": _train_step(batch, idx, False)}, warmup,
                     reps, dev)
-    return [record("lm_ac_running_train", t["ours"], t["plain"], "AC batch statistics",
+    rows = [record("lm_ac_running_train", t["ours"], t["plain"], "AC batch statistics",
                    f"TransformerLM d={HIDDEN} L={LAYERS} E=8 k=2 B={BATCH} N={SEQ}", **extra)]
+
+    def dense(attention: str) -> TransformerLM:
+        torch.manual_seed(0)
+        cfg = TransformerLMConfig(vocab_size=VOCAB, context=SEQ, dim=HIDDEN, depth=LAYERS, num_heads=8, dropout=0.0,
+                                  attention=attention)
+        return TransformerLM(cfg).to(dev).eval()
+
+    t = interleaved({"ours": _lm_decode_step(dense("elliptical"), idx),
+                     "plain": _lm_decode_step(dense("softmax"), idx)}, warmup, reps, dev)
+    rows.append(record("lm_elliptical_decode", t["ours"], t["plain"], "softmax attention",
+                       f"TransformerLM d={HIDDEN} L={LAYERS} B={BATCH} cache {SEQ - 1}", **extra))
+    return rows
+
+
+def _lm_decode_step(model: TransformerLM, idx: torch.Tensor) -> Callable[[], None]:
+    """One cached decoding step after ``idx[:, :-1]``; each repetition starts from the same cache."""
+    prefix = KVCache()
+    with torch.no_grad():
+        model(idx[:, :-1], kv_cache=prefix)
+
+    def step() -> None:
+        cache = KVCache(prefix.owner)
+        cache.layers = dict(prefix.layers)  # appending concatenates, so the prefix's tensors stay as they are
+        cache.prefix = {layer: copy.copy(sums) for layer, sums in prefix.prefix.items()}
+        with torch.no_grad():
+            model(idx[:, -1:], kv_cache=cache)
+
+    return step
 
 
 def run(quick: bool = False, device: str = "auto", threads: int | None = None) -> list[dict]:

@@ -18,9 +18,9 @@ estimates the metric ``m`` from ``|v_l − v_{l−1}|`` (a prefix mean in causal
 one metric per key/value head, shared by the queries of its group; with RoPE shared by the two
 coordinates of each rotary pair, so scores stay relative-position ones) and attends with ``q ⊙ m``
 through HF's SDPA path. With a cache, the values are the cached ones, so cached decoding computes the same metric
-as a full forward (the prefix sums are recomputed over the cached values, O(T·d) per layer and step like
-attention itself: HF does not hand the cache object to attention functions, so running sums would have no
-safe home). Layer 0 is plain attention.
+as a full forward (the earlier keys' sum is recomputed from the cached values, one O(T·d) reduction per
+layer and step like attention itself: HF does not hand the cache object to attention functions, so running
+sums would have no safe home). Layer 0 is plain attention.
 
 **The AC router** replaces each top-k router in place (its class becomes a subclass of the original, so
 parameter names, ``output_router_logits`` and HF's load-balancing loss are unchanged): the router scores
@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from clusterformers.attention import elliptical_metric
+from clusterformers.attention import PrefixSums, elliptical_metric
 from clusterformers.moe.adaptive import ACConfig, AdaptiveMetric
 from clusterformers.moe.routers import RoutingState, check_state
 from clusterformers.state import LayerState, StatefulLayer, share_state
@@ -109,6 +109,29 @@ def _rotary_pairs(m: Tensor, config: Any) -> Tensor:
     return torch.cat([pair, pair, m[..., rotary:]], dim=-1)
 
 
+def _query_metric(value: Tensor, v_prev: Tensor, keep: Tensor | None, q: int, causal: bool) -> Tensor:
+    """The metric of the last ``q`` positions (the queries): ``[B, H_kv, q|1, D]``.
+
+    Causal decoding (``q < T``) sums the earlier keys' ``|v − v_prev|`` in one reduction and continues
+    the prefix mean over the queries only, instead of a prefix scan over the whole cache."""
+    t = value.shape[2]
+    if not causal or q == t:
+        m = elliptical_metric(value, v_prev, causal=causal, key_padding_mask=keep, check_inputs=False)
+        return m[:, :, t - q :] if m.shape[2] != 1 else m
+    dtype = torch.promote_types(value.dtype, torch.float32)
+    a = (value[:, :, : t - q].to(dtype) - v_prev[:, :, : t - q].to(dtype)).abs()
+    prefix = PrefixSums()
+    if keep is None:
+        prefix.total, prefix.count = a.sum(dim=2, keepdim=True), a.new_full((1, 1, 1, 1), float(t - q))
+    else:
+        head = keep[:, None, : t - q, None]
+        prefix.total = a.masked_fill(~head, 0.0).sum(dim=2, keepdim=True)
+        prefix.count = head.to(dtype).sum(dim=2, keepdim=True)
+    return elliptical_metric(value[:, :, t - q :], v_prev[:, :, t - q :], causal=True,
+                             key_padding_mask=None if keep is None else keep[:, t - q :], check_inputs=False,
+                             prefix=prefix)
+
+
 def elliptical_attention_forward(
     module: nn.Module,
     query: Tensor,
@@ -148,9 +171,7 @@ def elliptical_attention_forward(
             )
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         keep = _key_keep_mask(attention_mask, value.shape[0], value.shape[2])
-        m = elliptical_metric(value, v_prev, causal=causal, key_padding_mask=keep, check_inputs=False)
-        if m.shape[2] != 1:
-            m = m[:, :, m.shape[2] - query.shape[2] :]
+        m = _query_metric(value, v_prev, keep, query.shape[2], causal)
         m = _rotary_pairs(m, module.config)
         groups = query.shape[1] // value.shape[1]
         query = query * m.repeat_interleave(groups, dim=1)
