@@ -18,12 +18,11 @@ import argparse
 import json
 import math
 import os
-import statistics
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from common import device_of, record, time_fn  # bench/common.py: the script's folder is on sys.path
+from common import device_of, interleaved, record  # bench/common.py: the script's folder is on sys.path
 from torch import Tensor
 
 from clusterformers.attention import EllipticalAttention, MultiheadAttention, elliptical_metric
@@ -65,17 +64,6 @@ def _row(name: str, ours: float, base: float, base_name: str, shape: str, target
     return record(name, ours, base, base_name, shape, target=f"<={target:.3g}", met=met, **extra)
 
 
-def _interleaved(steps: dict[str, Callable[[], None]], warmup: int, reps: int, device: torch.device) -> dict:
-    """Median seconds per step; the steps alternate run by run so that drift on a shared machine hits all."""
-    for step in steps.values():
-        time_fn(step, warmup=warmup, reps=1, device=device)
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(reps):
-        for name, step in steps.items():
-            times[name].append(time_fn(step, warmup=0, reps=1, device=device))
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def _fwd_bwd(fn: Callable[[], Tensor], inputs: list[Tensor], grad: Tensor) -> Callable[[], None]:
     def step() -> None:
         torch.autograd.grad(fn(), inputs, grad)
@@ -92,7 +80,7 @@ def _core_records(n: int, causal: bool, device: torch.device, warmup: int, reps:
         name: _fwd_bwd(lambda f=f: f(q, k, v, v_prev, causal), [q, k, v], grad)
         for name, f in (("sdpa", plain_core), ("elliptical", elliptical_core), ("reference", dense_reference))
     }
-    times = _interleaved(steps, warmup, reps, device)
+    times = interleaved(steps, warmup, reps, device)
     shape = f"B={B} H={H} N={n} D={D}"
     tag = "causal" if causal else "noncausal"
     ours = times["elliptical"]
@@ -116,7 +104,7 @@ def _module_record(n: int, causal: bool, device: torch.device, warmup: int, reps
         name: _fwd_bwd(lambda layer=layer: layer(x, v_prev=v_prev)[0], [x, *layer.parameters()], grad)
         for name, layer in (("plain", plain), ("ours", ours))
     }
-    times = _interleaved(steps, warmup, reps, device)
+    times = interleaved(steps, warmup, reps, device)
     t_plain, t_ours = times["plain"], times["ours"]
     name, shape = f"module/{'causal' if causal else 'noncausal'}", f"B={B} N={n} dim={dim} H={H}"
     return _row(name, t_ours, t_plain, "MultiheadAttention", shape, TARGET_OVERHEAD, extra)

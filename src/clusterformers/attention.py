@@ -311,6 +311,31 @@ class _Attention(StatefulLayer, nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.proj = nn.Linear(dim, dim, bias=bias)
 
+    def metric(
+        self,
+        v: Tensor,
+        v_prev: Tensor,
+        key_padding_mask: Tensor | None,
+        *,
+        causal: bool,
+        check: bool,
+        prefix: PrefixSums | None = None,
+    ) -> Tensor:
+        """:func:`elliptical_metric` with this layer's estimator, ``eps``, gradient flag and generator."""
+        return elliptical_metric(
+            v,
+            v_prev,
+            causal=causal,
+            key_padding_mask=key_padding_mask,
+            estimator=self.estimator,
+            eps=self.eps,
+            detach=not self.metric_grad,
+            generator=self.generator,
+            random_low=self.random_low,
+            check_inputs=check,
+            prefix=prefix,
+        )
+
     def _attn_mask(
         self, key_padding_mask: Tensor | None, q_len: int, kv_len: int, device: torch.device
     ) -> Tensor | None:
@@ -372,19 +397,7 @@ class _Attention(StatefulLayer, nn.Module):
                 prefix = kv_cache.prefix.setdefault(self, PrefixSums())
                 keep = None if keep is None else keep[:, -n:]
                 v_m, v_prev_m = v_new, v_prev[:, :, -n:] if v_prev.shape == v.shape else v_prev
-            m = elliptical_metric(
-                v_m,
-                v_prev_m,
-                causal=self.causal,
-                key_padding_mask=keep,
-                estimator=self.estimator,
-                eps=self.eps,
-                detach=not self.metric_grad,
-                generator=self.generator,
-                random_low=self.random_low,
-                check_inputs=check,
-                prefix=prefix,
-            )
+            m = self.metric(v_m, v_prev_m, keep, causal=self.causal, check=check, prefix=prefix)
             if m.shape[2] != 1:
                 m = m[:, :, m.shape[2] - n :]
             if self.store_metric:

@@ -210,18 +210,7 @@ class EllipticalAttention(_WithOptions, _attention.EllipticalAttention):
             v_prev = self.read_state()
         metric = None
         if v_prev is not None:
-            metric = _attention.elliptical_metric(
-                v,
-                v_prev,
-                causal=is_causal,
-                key_padding_mask=keep,
-                estimator=self.estimator,
-                eps=self.eps,
-                detach=not self.metric_grad,
-                generator=self.generator,
-                random_low=self.random_low,
-                check_inputs=check,
-            )
+            metric = self.metric(v, v_prev, keep, causal=is_causal, check=check)
             q = q * metric
         if self.store_metric:
             self.last_metric = None if metric is None else metric.detach()
