@@ -25,13 +25,7 @@ from clusterformers.probes import color_regression, digit_accuracy, encode, line
 PAL = torch.tensor(PALETTE, dtype=torch.float32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny ops (the L-BFGS probe) run many times slower with 2 OpenMP threads on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

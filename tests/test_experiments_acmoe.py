@@ -21,12 +21,7 @@ from clusterformers.report import write_report
 ARMS = ("smoe", "stablemoe", "ac")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- synthetic data

@@ -19,13 +19,7 @@ from clusterformers.experiments.fare import FareConfig, build_loss, make_batch_f
 from clusterformers.experiments.fare_report import _direction, comparisons, e1_tables, flip_step
 from clusterformers.report import write_report
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**kw) -> FareConfig:

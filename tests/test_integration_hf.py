@@ -19,12 +19,8 @@ VOCAB = 61
 
 
 @pytest.fixture(autouse=True, scope="module")
-def setup():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def registered(one_thread):
     cfhf.register()
-    yield
-    torch.set_num_threads(threads)
 
 
 def llama(layers: int = 3, attn: str = "elliptical", seed: int = 0, kind: str = "llama"):

@@ -19,12 +19,7 @@ ARGS = dict(pretrained=False, img_size=32, patch_size=8, num_classes=10)  # 16 p
 N = 17
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def vit(**kwargs):

@@ -9,14 +9,7 @@ from clusterformers.metrics import collect_token_cosine, token_cosine
 from clusterformers.models.transformer import TransformerLM, TransformerLMConfig
 from clusterformers.models.vit import ViT, ViTConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids contention on a shared machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def slow_token_cosine(out: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:

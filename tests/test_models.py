@@ -24,13 +24,7 @@ from clusterformers.models.vit import ViT, ViTConfig
 VOCAB, CONTEXT = 23, 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids contention on a shared machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lm(attention: str = "softmax", estimator: str = "mean", **kw) -> TransformerLM:

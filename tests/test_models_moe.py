@@ -19,12 +19,7 @@ from clusterformers.moe.adaptive import ACStats
 VOCAB, CONTEXT, DIM, E = 23, 8, 16, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lm(ffn: str = "moe", depth: int = 3, **ffn_kwargs) -> TransformerLM:

@@ -13,14 +13,7 @@ from clusterformers.models.vit import ViT, ViTConfig
 from clusterformers.robust.attacks import fgsm, margin_loss, pgd, robust_accuracy, spsa
 from clusterformers.robust.corruptions import gaussian_noise, salt_and_pepper
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids contention on a shared machine (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,7 @@ from clusterformers.models.transformer import TransformerLM, TransformerLMConfig
 VOCAB, CONTEXT = 29, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lm(attention: str = "softmax", ffn: str = "dense", seed: int = 0, **ffn_kwargs) -> TransformerLM:
