@@ -170,7 +170,7 @@ class BlockStack(nn.ModuleList):
     With ``attention="elliptical"`` the blocks in ``cfg.elliptical_layers`` (default all but the first)
     get an :class:`EllipticalAttention`, the others a :class:`MultiheadAttention` (same parameter names).
     Each FFN comes from ``build_ffn(cfg.ffn, dim, int(dim · mlp_ratio), i, **ffn_kwargs)``; AC layers
-    default to ``ac_stats`` statistics (``"running"`` for causal models, ``"ema"`` otherwise). Values and
+    default (:func:`ac_defaults`) to running statistics in causal models, ``"ema"`` otherwise. Values and
     routing flow between the blocks through the model's shared state (``share_state``), so the stack is
     a plain loop. Parameter names are those of a ``ModuleList`` (``0.attn.qkv.weight``, ...).
 
