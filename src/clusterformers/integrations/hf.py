@@ -46,8 +46,9 @@ from torch import Tensor, nn
 
 from clusterformers.attention import PrefixSums, elliptical_metric
 from clusterformers.moe.adaptive import ACConfig, AdaptiveMetric
+from clusterformers.moe.layer import RoutingLayer
 from clusterformers.moe.routers import RoutingState, check_state
-from clusterformers.state import LayerState, StatefulLayer, share_state
+from clusterformers.state import share_state
 
 __all__ = ["NAME", "elliptical_attention_forward", "from_pretrained", "register", "use_ac_router"]
 
@@ -189,24 +190,16 @@ def register() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
-class _ACTopKRouter(StatefulLayer):
+class _ACTopKRouter(RoutingLayer):
     """Mixin turning an HF top-k router (``weight[E, d]``, ``top_k``, ``num_experts``,
     ``forward(h) -> (logits, scores, indices)``) into the AC router: it routes ``m(i) ⊙ h_i`` through the
     original forward and hands its routing to the next MoE layer."""
 
-    state_kind = "routing"
     metric: AdaptiveMetric
-
-    def attach_state(self, state: LayerState, position: int) -> None:
-        super().attach_state(state, position)
-        self.metric.deferred_commit = True
-
-    def begin_forward(self) -> None:
-        self.metric.commit()
 
     def forward(self, hidden_states: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         h = hidden_states.reshape(-1, self.metric.dim)
-        prev = self.read_state()
+        prev = self.previous_state(None)
         u = h
         if prev is not None:
             check_state(prev, self.num_experts, h.shape[0], self.metric.config.mix)

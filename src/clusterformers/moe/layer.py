@@ -20,7 +20,7 @@ from .adaptive import ACConfig, ACStats
 from .losses import load_balancing_loss, router_z_loss
 from .routers import Router, RoutingState, build_router, check_finite, flatten_tokens
 
-__all__ = ["Experts", "LastForward", "MoE", "RoutingLayer", "expert_capacity"]
+__all__ = ["Experts", "KeepsLastForward", "LastForward", "MoE", "RoutingLayer", "expert_capacity"]
 
 
 class LastForward:
@@ -46,14 +46,14 @@ class LastForward:
 
 
 class RoutingLayer(StatefulLayer):
-    """Mixin of the MoE layers: a stateful layer of kind ``"routing"`` that keeps a ``LastForward``.
+    """Mixin of the layers that route: a stateful layer of kind ``"routing"`` with an optional AC
+    ``metric`` (an :class:`AdaptiveMetric`).
 
     Reads the routing state of the nearest earlier MoE layer from the shared state (or ``prev=``) and
     writes its own; when a model forward begins it folds its pending AC statistics (``begin_forward``).
     """
 
     state_kind = "routing"
-    last_forward: LastForward
     metric: nn.Module | None
 
     def attach_state(self, state: LayerState, position: int) -> None:
@@ -68,6 +68,12 @@ class RoutingLayer(StatefulLayer):
     def previous_state(self, prev: RoutingState | None) -> RoutingState | None:
         """``prev`` if given, else the routing the shared state holds from an earlier MoE layer."""
         return prev if prev is not None else self.read_state()
+
+
+class KeepsLastForward:
+    """Mixin for layers with a ``LastForward`` record in ``self.last_forward``."""
+
+    last_forward: LastForward
 
     @property
     def aux_loss(self) -> Tensor | None:
@@ -139,7 +145,7 @@ class Experts(nn.Module):
         return self._act(x @ self.w_in[e]) @ self.w_out[e]
 
 
-class MoE(RoutingLayer, nn.Module):
+class MoE(RoutingLayer, KeepsLastForward, nn.Module):
     """A top-k mixture-of-experts FFN.
 
     Args:

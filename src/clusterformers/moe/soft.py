@@ -9,13 +9,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .adaptive import ACConfig, AdaptiveMetric, resolve_ac
-from .layer import Experts, LastForward, RoutingLayer
+from .layer import Experts, KeepsLastForward, LastForward, RoutingLayer
 from .routers import RoutingState, check_finite, check_state, flatten_tokens
 
 __all__ = ["SoftMoE"]
 
 
-class SoftMoE(RoutingLayer, nn.Module):
+class SoftMoE(RoutingLayer, KeepsLastForward, nn.Module):
     """Soft MoE: every slot is a convex combination of the tokens of one sequence; every token a
     convex combination of the slots' outputs. No dropping, no aux loss.
 
