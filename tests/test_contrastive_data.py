@@ -1,5 +1,5 @@
-"""ColorMNIST, its transforms, the LeNet encoder and head, and the linear probes (oracle 12 of
-shared/specs/fare.md §5, plus the §6 protocol pieces)."""
+"""ColorMNIST, its transforms, the LeNet encoder and head, and the linear probes (the evaluation protocol of
+docs/fare.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Oracles 1–8 and 11 of shared/specs/fare.md §5 for the five fair contrastive losses (CPU, fp64).
+"""The five fair contrastive losses against slow references (CPU, fp64).
 
 The reference ``slow_loss`` is a literal double loop over anchors and negatives in Python floats.
 """

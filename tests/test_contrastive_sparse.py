@@ -1,4 +1,4 @@
-"""SparseFARE's sorted implementation, LSH and memory (oracles 5, 9, 10 of shared/specs/fare.md §5)."""
+"""SparseFARE's sorted implementation against its dense reference, LSH bucketing and memory."""
 
 from __future__ import annotations
 
