@@ -226,6 +226,8 @@ class FARELoss(ContrastiveLoss):
             raise ValueError(f"neg_scale must be one of {fn.NEG_SCALES}, got {neg_scale!r}")
         if rho is not None and not rho > 0:
             raise ValueError(f"rho must be > 0 or None, got {rho}")
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"momentum must lie in (0, 1] (the EMA weight of the new batch), got {momentum}")
         self.sensitive_dim, self.learn_projections = sensitive_dim, learn_projections
         self.rho, self.score, self.z_norm, self.neg_scale, self.mask_self = rho, score, z_norm, neg_scale, mask_self
         self.momentum = momentum
@@ -243,10 +245,14 @@ class FARELoss(ContrastiveLoss):
     def _fare_kwargs(self) -> dict:
         return {"rho": self.rho, "score": self.score, "neg_scale": self.neg_scale, "mask_self": self.mask_self}
 
-    def _prepared(self, sensitive: Tensor, b: int, device: torch.device) -> tuple[Tensor, str, Tensor | None]:
-        """``(attribute, z_norm, groups)`` to hand to the functional: running statistics applied here."""
+    def _prepared(
+        self, sensitive: Tensor, b: int, device: torch.device
+    ) -> tuple[Tensor, str, Tensor | None, tuple[Tensor, Tensor] | None]:
+        """``(attribute, z_norm, groups, running)`` to hand to the functional: running statistics applied
+        here. ``running`` holds the updated ``(mean, var)`` of a training call; :meth:`_commit` stores them
+        once the loss has been computed, so a call that raises leaves the running statistics unchanged."""
         if self.z_norm != "running":
-            return sensitive, self.z_norm, None
+            return sensitive, self.z_norm, None, None
         sens = check_sensitive(sensitive, b, device, self.check_inputs)
         groups = None
         if not sens.is_floating_point():
@@ -256,23 +262,33 @@ class FARELoss(ContrastiveLoss):
             raise ValueError(
                 f"sensitive has s = {sens.shape[1]} columns, expected sensitive_dim = {self.sensitive_dim}"
             )
+        if sens.shape[0] < 2:
+            raise ValueError(f"z_norm='running' needs a batch of at least 2 samples, got b = {sens.shape[0]}")
+        mean, var, running = self.running_mean, self.running_var, None
         if self.training:
             with torch.no_grad():
-                mean, var = sens.mean(0), sens.var(0, unbiased=False)
-                self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
-                self.running_var.lerp_(var.to(self.running_var.dtype), self.momentum)
-        zhat = (sens - self.running_mean.to(sens.dtype)) / (self.running_var.to(sens.dtype).sqrt() + 1e-6)
-        return zhat, "none", groups
+                mean = torch.lerp(mean, sens.mean(0).to(mean.dtype), self.momentum)
+                var = torch.lerp(var, sens.var(0, unbiased=False).to(var.dtype), self.momentum)
+            running = (mean, var)
+        zhat = (sens - mean.to(sens.dtype)) / (var.to(sens.dtype).sqrt() + 1e-6)
+        return zhat, "none", groups, running
+
+    def _commit(self, running: tuple[Tensor, Tensor] | None) -> None:
+        if running is not None:
+            self.running_mean.copy_(running[0])
+            self.running_var.copy_(running[1])
 
     def forward(self, z1: Tensor, z2: Tensor, sensitive: Tensor, *, return_stats: bool = False) -> Output:
         return self._run(z1, z2, sensitive, return_stats=return_stats)
 
     def _loss(self, z1: Tensor, z2: Tensor, sensitive: Tensor, *, return_stats: bool, diagnostics: bool) -> Output:
-        attribute, z_norm, _ = self._prepared(sensitive, z1.shape[0], z1.device)
-        return fn.fare(
+        attribute, z_norm, _, running = self._prepared(sensitive, z1.shape[0], z1.device)
+        out = fn.fare(
             z1, z2, attribute, self.w_q, self.w_k, z_norm=z_norm, return_stats=return_stats, diagnostics=diagnostics,
             **self._fare_kwargs(), **self._common(),
         )
+        self._commit(running)
+        return out
 
     def extra_repr(self) -> str:
         rho = self.rho if self.rho is not None else math.sqrt(self.w_q.shape[0])
@@ -381,19 +397,21 @@ class SparseFARELoss(FARELoss):
         self, z1: Tensor, z2: Tensor, sensitive: Tensor, *, buckets: Tensor | None, return_stats: bool,
         diagnostics: bool,
     ) -> Output:
-        attribute, z_norm, groups = self._prepared(sensitive, z1.shape[0], z1.device)
+        attribute, z_norm, groups, running = self._prepared(sensitive, z1.shape[0], z1.device)
         given = buckets if buckets is not None else groups
         hashed = given is None and isinstance(attribute, Tensor) and attribute.is_floating_point()
         rotations = None
         if hashed and not self.training:
             rotations = self.eval_rotations(buckets_for_batch(z1.shape[0], self.n_buckets, self.bucket_size))
-        return fn.sparse_fare(
+        out = fn.sparse_fare(
             z1, z2, attribute, self.w_q, self.w_k, n_buckets=self.n_buckets, bucket_size=self.bucket_size,
             n_hashes=self.n_hashes, neighbours=self.neighbours, hash_on=self.hash_on, impl=self.impl,
             generator=self.generator if self.training else None, rotations=rotations, buckets=given,
             unit_rotations=self.unit_rotations, z_norm=z_norm, return_stats=return_stats, diagnostics=diagnostics,
             **self._fare_kwargs(), **self._common(),
         )
+        self._commit(running)
+        return out
 
     def extra_repr(self) -> str:
         size = f"bucket_size={self.bucket_size}" if self.bucket_size is not None else f"n_buckets={self.n_buckets}"

@@ -1,0 +1,55 @@
+"""Regression tests for users' mistakes: each bad input ends in an error naming the argument, and a rejected
+call changes no state."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clusterformers import FARELoss, MoE, SoftMoE, SparseFARELoss, load_balancing_loss, router_z_loss
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("cls", [FARELoss, SparseFARELoss])
+def test_a_rejected_call_leaves_the_running_attribute_statistics_alone(cls) -> None:
+    loss_fn = cls(3, z_norm="running")
+    g = torch.Generator().manual_seed(0)
+    z, s = torch.randn(16, 8, generator=g), torch.rand(16, 3, generator=g)
+    loss_fn(z, z.roll(1, 0), s)
+    before = (loss_fn.running_mean.clone(), loss_fn.running_var.clone())
+    bad_calls = [
+        (z[:0], z[:0], s[:0]),  # empty batch
+        (z[:1], z[:1], s[:1]),  # one sample: no negatives, no variance
+        (z.clone().fill_(float("nan")), z, s),  # NaN embeddings
+        (z, z[:8], s),  # mismatched views
+    ]
+    for args in bad_calls:
+        with pytest.raises((ValueError, TypeError)):
+            loss_fn(*args)
+        assert torch.equal(loss_fn.running_mean, before[0]) and torch.equal(loss_fn.running_var, before[1])
+    loss = loss_fn(z, z.roll(1, 0), s)  # a later valid call still works
+    assert torch.isfinite(loss) and not torch.equal(loss_fn.running_mean, before[0])
+    for momentum in (0.0, 5.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="momentum must lie in"):
+            cls(3, z_norm="running", momentum=momentum)
+
+
+def test_float_masks_are_refused_everywhere_masks_are_taken() -> None:
+    """An additive mask (0 = keep, -inf = pad) cast to bool would keep exactly the padding."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 5, 8)
+    additive = torch.zeros(2, 5)
+    additive[1, 3:] = float("-inf")
+    logits = torch.randn(10, 4)
+    calls = [
+        lambda m: MoE(8, 4, 2, 12)(x, key_padding_mask=m),
+        lambda m: SoftMoE(8, 4, 1, 12)(x, key_padding_mask=m),
+        lambda m: load_balancing_loss(logits, 4, 2, m.reshape(-1)),
+        lambda m: router_z_loss(logits, m.reshape(-1)),
+    ]
+    for call in calls:
+        for mask in (additive, torch.full((2, 5), 0.5)):
+            with pytest.raises(TypeError, match="key_padding_mask: expected a bool tensor"):
+                call(mask)
+        assert torch.isfinite(torch.as_tensor(call(additive == 0))).all()  # the fix the message names works
