@@ -53,3 +53,14 @@ def test_float_masks_are_refused_everywhere_masks_are_taken() -> None:
             with pytest.raises(TypeError, match="key_padding_mask: expected a bool tensor"):
                 call(mask)
         assert torch.isfinite(torch.as_tensor(call(additive == 0))).all()  # the fix the message names works
+
+
+def test_sparse_fare_given_bucket_ids_cost_memory_by_count_not_by_value() -> None:
+    """Ids near 1e9 once sized the block plan (OOM); relabelled in order, they give the compact ids' loss."""
+    g = torch.Generator().manual_seed(2)
+    z1, z2, s = torch.randn(64, 8, generator=g), torch.randn(64, 8, generator=g), torch.rand(64, 3, generator=g)
+    compact = torch.randint(0, 5, (64,), generator=g)
+    huge = torch.tensor([0, 10**6, 10**8, 10**9 - 7, 10**9])[compact]  # the same partition, increasing ids
+    for impl in ("sorted", "dense"):
+        loss_fn = SparseFARELoss(3, impl=impl)
+        torch.testing.assert_close(loss_fn(z1, z2, s, buckets=huge), loss_fn(z1, z2, s, buckets=compact))

@@ -349,7 +349,7 @@ def sparse_fare(
     ``check_inputs=False``, reads nothing on the host. ``impl="sorted"`` tiles each bucket, so the number of
     tiles depends on the bucket sizes: it copies ``2 n_b + 1`` counts to the host once per call (also when
     compiled: ``torch.compile`` traces it into one graph with data-dependent sizes, without recompiling as
-    the sizes change), and with given ``buckets`` it reads ``n_b = max + 1`` as well.
+    the sizes change), and with given ``buckets`` it reads their number of distinct ids as well.
 
     Args:
         n_buckets: ``n_b`` (1 = no hashing, else even).
@@ -408,7 +408,10 @@ def sparse_fare(
         # (only a performance choice), since their real number n_b is known only on the device
         tile = tile_size(b, buckets_for_batch(b, n_buckets, bucket_size))
         if n_b is None:
-            n_b = int(given.max()) + 1
+            # relabel given ids to 0..n_b-1 in order (the same buckets and plan): the plan's buffers then
+            # follow the number of buckets, not the largest id (ids near 1e9 would size them otherwise)
+            ids, dense_ids = torch.unique(bucket_r[0], sorted=True, return_inverse=True)
+            n_b, bucket_r, probe_r = ids.numel(), dense_ids[None], dense_ids[None, :, None]
         plan = build_block_plan(bucket_r[0], probe_r[0], n_b, allow_self=not mask_self, tile=tile)
         n_tiles, tile = plan.query_idx.shape
         q_tiles = q.index_select(0, plan.query_idx.reshape(-1)).view(n_tiles, tile, -1)
@@ -422,7 +425,7 @@ def sparse_fare(
         stats = {
             "support": float(support.double().mean()),
             "fallback_rows": float(fallback.sum()),
-            "n_buckets": float(n_b if n_b is not None else int(given.max()) + 1),
+            "n_buckets": float(n_b if n_b is not None else torch.unique(bucket_r[0]).numel()),
         }
         if diagnostics:
             stats.update(_sparse_diagnostics(q, k, rho, score, zhat, bucket_r, probe_r))
