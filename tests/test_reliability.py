@@ -64,3 +64,29 @@ def test_sparse_fare_given_bucket_ids_cost_memory_by_count_not_by_value() -> Non
     for impl in ("sorted", "dense"):
         loss_fn = SparseFARELoss(3, impl=impl)
         torch.testing.assert_close(loss_fn(z1, z2, s, buckets=huge), loss_fn(z1, z2, s, buckets=compact))
+
+
+@pytest.mark.parametrize("name", ["info_nce", "fair_info_nce", "cclk", "fare", "sparse_fare"])
+def test_losses_are_scale_invariant_up_to_embeddings_near_1e20(name: str) -> None:
+    """The losses see unit-normalised embeddings; near 1e20 the squared norm overflows float32, which once
+    turned every embedding into zeros (loss log(2b - 1), no gradient)."""
+    from clusterformers import CCLKLoss, FairInfoNCELoss, InfoNCELoss
+
+    g = torch.Generator().manual_seed(3)
+    z1, z2, s = torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g), torch.rand(16, 3, generator=g)
+    groups = torch.randint(0, 3, (16,), generator=g)
+    make = {"info_nce": lambda: (InfoNCELoss(), s), "fair_info_nce": lambda: (FairInfoNCELoss(), groups),
+            "cclk": lambda: (CCLKLoss(), s), "fare": lambda: (FARELoss(3), s),
+            "sparse_fare": lambda: (SparseFARELoss(3, n_buckets=2, generator=torch.Generator()), s)}[name]
+    loss_fn, attribute = make()
+    for scale in (1e20, 1e-20):
+        if name == "sparse_fare":
+            loss_fn.generator.manual_seed(0)
+        base = loss_fn(z1, z2, attribute)
+        if name == "sparse_fare":
+            loss_fn.generator.manual_seed(0)
+        a, b = (z1 * scale).requires_grad_(), (z2 * scale).requires_grad_()
+        scaled = loss_fn(a, b, attribute)
+        torch.testing.assert_close(scaled, base, rtol=1e-5, atol=1e-5)
+        scaled.backward()
+        assert torch.isfinite(a.grad).all() and a.grad.abs().max() > 0

@@ -10,8 +10,9 @@ cosine ``z_i·z_j/(‖z_i‖‖z_j‖)`` (no ``t``), rbf ``exp(−‖Δz‖²/t)
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from clusterformers.contrastive.nce import unit_rows
 
 KERNELS = ("cosine", "rbf", "laplacian", "linear", "polynomial")
 
@@ -57,7 +58,7 @@ def sensitive_kernel(z: Tensor, kernel: str = "cosine", bandwidth: float | None 
         raise ValueError(f"bandwidth must be > 0 or None (median heuristic), got {bandwidth}")
     t = _median_bandwidth(z, kernel) if bandwidth is None else float(bandwidth)
     if kernel == "cosine":
-        zn = F.normalize(z, dim=1, eps=1e-8)
+        zn = unit_rows(z, eps=1e-8)
         k = zn @ zn.T
     elif kernel == "rbf":
         k = torch.exp(-_pair_sqdist(z) / t)

@@ -126,8 +126,7 @@ def weighted_nce_rows(
         raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    u = F.normalize(z1, dim=1)
-    v = F.normalize(z2, dim=1)
+    u, v = unit_rows(z1), unit_rows(z2)
     b, d = u.shape
     uv = torch.cat([u, v])  # [2b, d]: row i is u_i, row b + i is v_i
     blocks = isinstance(log_w, LogWeightBlocks)
@@ -171,6 +170,14 @@ def weighted_nce_rows(
         target = torch.stack([idx + b, idx], dim=1)
         rows = (diag[:, None] - log_p.gather(2, target[:, :, None])[..., 0]).T.reshape(-1)
     return rows if symmetric else rows[:b]
+
+
+def unit_rows(z: Tensor, eps: float = 1e-12) -> Tensor:
+    """``z [n, d]`` with each row scaled to unit L2 norm, like ``F.normalize`` but scale-safe: rows are first
+    divided by their largest magnitude, so entries near 1e20 (whose squares overflow float32) still give a
+    unit vector instead of zeros. Zero rows stay zero."""
+    scale = z.detach().abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(z.dtype).tiny)
+    return F.normalize(z / scale, dim=1, eps=eps)
 
 
 def weighted_nce(
