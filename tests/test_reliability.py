@@ -90,3 +90,26 @@ def test_losses_are_scale_invariant_up_to_embeddings_near_1e20(name: str) -> Non
         torch.testing.assert_close(scaled, base, rtol=1e-5, atol=1e-5)
         scaled.backward()
         assert torch.isfinite(a.grad).all() and a.grad.abs().max() > 0
+
+
+def test_attention_refuses_nan_values_and_overflow_instead_of_a_silent_result() -> None:
+    from clusterformers import EllipticalAttention, elliptical_metric
+
+    torch.manual_seed(4)
+    layer = EllipticalAttention(8, 2)
+    x, v_prev = torch.randn(2, 5, 8), torch.randn(2, 2, 5, 4)
+    bad = v_prev.clone()
+    bad[0, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="v or v_prev holds NaN or inf at kept positions"):
+        layer(x, v_prev=bad)
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    keep[0, 2] = False  # the NaN sits at a padded token: allowed, and it cannot leak
+    out = layer(x, key_padding_mask=keep, v_prev=bad)
+    clean = bad.clone()
+    clean[0, 1, 2, 3] = 0.0
+    torch.testing.assert_close(out, layer(x, key_padding_mask=keep, v_prev=clean))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        elliptical_metric(torch.randn(2, 2, 5, 4), bad)
+    with pytest.raises(ValueError, match="attention output is not finite"):
+        layer(torch.full((2, 5, 8), 1e20))
+    assert EllipticalAttention(8, 2, check_inputs=False)(x, v_prev=bad).shape == (2, 5, 8)  # unchecked: no error

@@ -196,6 +196,11 @@ def elliptical_metric(
     keep = None if key_padding_mask is None else key_padding_mask[:, None, :, None]
     if keep is not None:
         a = a.masked_fill_(~keep, 0.0)  # select, not multiply: NaN/inf at pads cannot leak
+    if check and not bool(torch.isfinite(a).all()):
+        raise ValueError(
+            "v or v_prev holds NaN or inf at kept positions (padding may hold anything); check the previous "
+            "layer's values, or mark those tokens as padding in key_padding_mask"
+        )
     if estimator == "median":
         s = _median_over_tokens(a, keep)
     elif causal:
@@ -414,6 +419,11 @@ class _Attention(StatefulLayer, nn.Module):
             is_causal=self.causal and mask is None,
             scale=self.scale,
         )
+        if check and not bool(torch.isfinite(out).all()):
+            raise ValueError(
+                f"attention output is not finite although x is (max |x| = {x.abs().max().item():.3g}): the "
+                f"query-key scores overflow {x.dtype}; normalise the inputs (e.g. a LayerNorm before attention)"
+            )
         out = self.proj(out.transpose(1, 2).reshape(batch, n, self.dim))
         return (out, v) if return_values else out
 
