@@ -113,3 +113,48 @@ def test_attention_refuses_nan_values_and_overflow_instead_of_a_silent_result() 
     with pytest.raises(ValueError, match="attention output is not finite"):
         layer(torch.full((2, 5, 8), 1e20))
     assert EllipticalAttention(8, 2, check_inputs=False)(x, v_prev=bad).shape == (2, 5, 8)  # unchecked: no error
+
+
+def test_bad_inputs_name_the_argument_and_the_fix(tmp_path) -> None:
+    import numpy as np
+
+    from clusterformers import EllipticalAttention, cli
+    from clusterformers.data.images import load_npz
+    from clusterformers.data.text import build_corpus
+
+    torch.manual_seed(5)
+    layer = EllipticalAttention(8, 2)
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(ValueError, match="key_padding_mask is on meta"):
+        layer(x, key_padding_mask=torch.ones(2, 5, dtype=torch.bool, device="meta"))
+    with pytest.raises(ValueError, match="v_prev is on meta"):
+        layer(x, v_prev=torch.randn(2, 2, 5, 4, device="meta"))
+    with pytest.raises(TypeError, match="x: expected a floating-point tensor"):
+        SoftMoE(8, 4, 1, 12)(torch.ones(2, 5, 8, dtype=torch.long))
+    empty_row = torch.ones(2, 5, dtype=torch.bool)
+    empty_row[1] = False
+    with pytest.raises(ValueError, match=r"keeps no token in sample\(s\) \[1\]"):
+        SoftMoE(8, 4, 1, 12)(x, key_padding_mask=empty_row)
+    for top_k in (0, 5, True):
+        with pytest.raises(ValueError, match="top_k: expected an int in 1..num_experts=4"):
+            load_balancing_loss(torch.randn(6, 4), 4, top_k)
+    # user files: the path and the fix in the message, never a bare traceback
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ValueError, match="broken.npz.*np.savez"):
+        load_npz(broken)
+    complex_npz = tmp_path / "complex.npz"
+    np.savez(complex_npz, images=np.zeros((4, 8, 8)) + 1j, labels=np.arange(4))
+    with pytest.raises(ValueError, match="images must be real numbers"):
+        load_npz(complex_npz)
+    sparse = tmp_path / "sparse_labels.npz"
+    np.savez(sparse, images=np.zeros((20, 8, 8), dtype=np.uint8), labels=np.array([0, 1, 10**6, 1] * 5))
+    assert cli.main(["train", "vit", "--data", str(sparse), "--out", str(tmp_path / "r"), "--epochs", "1"]) == 2
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    with pytest.raises(ValueError, match="not UTF-8"):
+        build_corpus("byte", path=latin)
+    one_paragraph = tmp_path / "one.txt"
+    one_paragraph.write_text("the cat sat on the mat " * 200)  # no blank lines: one document
+    corpus = build_corpus("byte", path=one_paragraph)
+    assert min(corpus.train.numel(), corpus.valid.numel(), corpus.test.numel()) > 100

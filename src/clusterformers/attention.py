@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clusterformers.checks import check_inputs_default
 from clusterformers.state import StatefulLayer
 
 ESTIMATORS = ("mean", "median", "identity", "random", "isotropic")
@@ -43,18 +44,14 @@ def padding_mask_from_lengths(lengths: Tensor, n: int) -> Tensor:
     return torch.arange(n, device=lengths.device)[None, :] < lengths[:, None]
 
 
-def check_inputs_default(check_inputs: bool | None, x: Tensor) -> bool:
-    """Whether to run the value checks (NaN/inf, mask contents) that read a tensor on the host.
-
-    ``None`` (the default of every module) checks CPU inputs only, where a check costs no device stall;
-    ``True`` checks on every device; ``False`` never (for ``torch.compile(fullgraph=True)``/``torch.export``).
-    Shape and dtype checks read no tensor and always run.
-    """
-    return x.device.type == "cpu" if check_inputs is None else check_inputs
-
-
 def check_key_padding_mask(
-    mask: Tensor | None, batch: int, n: int, *, causal: bool = False, check_values: bool = True
+    mask: Tensor | None,
+    batch: int,
+    n: int,
+    *,
+    causal: bool = False,
+    check_values: bool = True,
+    device: torch.device | None = None,
 ) -> None:
     """Validate a keep-mask: bool ``[B, N]``, True = keep, at least one kept token per sample.
 
@@ -72,6 +69,8 @@ def check_key_padding_mask(
         )
     if tuple(mask.shape) != (batch, n):
         raise ValueError(f"key_padding_mask must have shape [B, N] = {[batch, n]}, got {list(mask.shape)}")
+    if device is not None and mask.device != device:
+        raise ValueError(f"key_padding_mask is on {mask.device}, the input on {device}; move it with .to({device!s})")
     if not check_values:
         return
     if not bool(mask.any(dim=1).all()):
@@ -170,12 +169,14 @@ def elliptical_metric(
     if batch == 0 or n == 0:
         raise ValueError(f"v is empty (shape {list(v.shape)}): need at least one sample and one token")
     check = check_inputs_default(check_inputs, v)
-    check_key_padding_mask(key_padding_mask, batch, n, causal=causal, check_values=check)
+    check_key_padding_mask(key_padding_mask, batch, n, causal=causal, check_values=check, device=v.device)
     if v_prev is not None and (not isinstance(v_prev, Tensor) or v_prev.shape != v.shape):
         raise ValueError(
             f"v and v_prev must have equal shape (B, H, N, D); got v {list(v.shape)}, "
             f"v_prev {list(getattr(v_prev, 'shape', []))}"
         )
+    if v_prev is not None and v_prev.device != v.device:
+        raise ValueError(f"v_prev is on {v_prev.device}, v on {v.device}; move it with .to({v.device!s})")
     rdtype = _reduce_dtype(v)
     if estimator == "identity":
         return torch.ones(batch, heads, 1, dim, device=v.device, dtype=v.dtype)
@@ -393,7 +394,7 @@ class _Attention(StatefulLayer, nn.Module):
         q, k, v_new = self.qkv(x).view(batch, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv_cache.append(self, k, v_new) if kv_cache is not None else (k, v_new)
         kv_len = k.shape[2]
-        check_key_padding_mask(key_padding_mask, batch, kv_len, causal=self.causal, check_values=check)
+        check_key_padding_mask(key_padding_mask, batch, kv_len, causal=self.causal, check_values=check, device=x.device)
         if v_prev is None and self.estimator is not None:
             v_prev = self.read_state()
         if self.estimator is not None and v_prev is not None:

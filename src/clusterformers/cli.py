@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _out("interrupted: finished cells and checkpoints are kept; rerun the same command to resume", err=True)
         return 130
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, KeyError) as err:
         if args.verbose:
             raise
         _out(f"error: {err} (rerun with -v for the traceback)", err=True)

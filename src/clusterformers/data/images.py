@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import gzip
 import logging
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -190,13 +191,24 @@ def load_npz(
     resolved = Path(path).expanduser()
     if not resolved.is_file():
         raise FileNotFoundError(f"npz file not found: {str(resolved)!r} (argument path={str(path)!r})")
-    with np.load(resolved, allow_pickle=False) as archive:
-        present = sorted(archive.files)
-        for key, arg in ((images_key, "images_key"), (labels_key, "labels_key")):
-            if key not in present:
-                raise KeyError(f"{str(resolved)!r} has no array {key!r} ({arg}); arrays present: {present}")
-        images, labels = archive[images_key], archive[labels_key]
+    try:
+        with np.load(resolved, allow_pickle=False) as archive:
+            present = sorted(archive.files)
+            for key, arg in ((images_key, "images_key"), (labels_key, "labels_key")):
+                if key not in present:
+                    raise KeyError(f"{str(resolved)!r} has no array {key!r} ({arg}); arrays present: {present}")
+            images, labels = archive[images_key], archive[labels_key]
+    except KeyError:
+        raise
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
+        raise ValueError(
+            f"{str(resolved)!r} is not a readable .npz of arrays ({type(err).__name__}: {err}); write it with "
+            "np.savez(path, images=..., labels=...)"
+        ) from err
     where = str(resolved)
+    for name, array in (("images", images), ("labels", labels)):
+        if np.iscomplexobj(array):
+            raise ValueError(f"{where}: {name} must be real numbers, got dtype {array.dtype}")
     images = _to_uint8_images(images, where)
     if labels.ndim != 1 or len(labels) != len(images):
         raise ValueError(

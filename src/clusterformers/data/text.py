@@ -57,8 +57,13 @@ def load_text_file(path: str | Path) -> list[str]:
     resolved = Path(path).expanduser()
     if not resolved.is_file():
         raise FileNotFoundError(f"text file not found: {str(resolved)!r} (argument path={str(path)!r})")
-    with open_text_source(resolved) as handle:
-        text = handle.read().decode("utf-8")
+    try:
+        with open_text_source(resolved) as handle:
+            text = handle.read().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"text file {str(resolved)!r} is not UTF-8 text ({err}); convert it to UTF-8") from err
+    except (OSError, EOFError) as err:
+        raise ValueError(f"text file {str(resolved)!r} cannot be read ({type(err).__name__}: {err})") from err
     documents = [doc.strip() for doc in re.split(r"\n[ \t\r]*\n", text.replace("\r\n", "\n"))]
     documents = [doc for doc in documents if doc]
     if not documents:
@@ -242,7 +247,17 @@ def _build_cached(
     documents = load_documents(path)
     if max_chars is not None:
         documents = _truncate(documents, max_chars)
+    if split == "article" and len(documents) < 3:
+        logger.info("only %d document(s) (no blank lines between documents): splitting the text contiguously",
+                    len(documents))
+        split = "contiguous"
     parts = split_articles(documents, fractions, seed=seed, contiguous=split == "contiguous")
+    empty = [name for name, docs in zip(("train", "valid", "test"), parts, strict=True) if not docs]
+    if empty:
+        raise ValueError(
+            f"{path or 'the Wikipedia sample'}: the {'/'.join(empty)} split(s) hold no text with fractions "
+            f"{fractions}; give more text, more documents (separated by blank lines), or other fractions"
+        )
     if level == "byte":
         encoded = ["".join(d + "\n" for d in docs).encode("utf-8") for docs in parts]
         tensors = [torch.from_numpy(np.frombuffer(b, dtype=np.uint8).astype(np.int64)) for b in encoded]
@@ -280,7 +295,7 @@ def build_corpus(
         path: ``None`` = Wikipedia sample shipped in ``gensim``; an XML dump (``.xml[.bz2|.gz]``); or a plain
             text file (``.txt[.gz|.bz2]``) with documents separated by blank lines.
         split: ``"article"`` (shuffled whole documents, ``seed``) or ``"contiguous"`` (cut the text in order);
-            see ``split_articles``.
+            see ``split_articles``. Fewer than 3 documents are always cut contiguously.
         fractions: train/valid/test shares.
         max_chars: keep only the first ``max_chars`` characters of the documents (quick runs).
 

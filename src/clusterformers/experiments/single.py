@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -39,6 +40,15 @@ def train_vit(args: argparse.Namespace) -> dict:
 
     if args.data:
         images, labels = load_npz(args.data)
+        classes = np.unique(labels)
+        if classes.size == 0:
+            raise ValueError(f"{args.data}: no samples (labels is empty)")
+        if classes.size != int(classes.max()) + 1:
+            raise ValueError(
+                f"{args.data}: labels must be the classes 0..C-1, each present; got {classes.size} distinct labels "
+                f"with max {int(classes.max())} (a {int(classes.max()) + 1}-class model would be trained); "
+                "relabel them with np.unique(labels, return_inverse=True)[1]"
+            )
         tr, te = stratified_split(labels, test_size=0.2, seed=0)
         x_tr, y_tr, x_te, y_te = images[tr], labels[tr], images[te], labels[te]
     else:

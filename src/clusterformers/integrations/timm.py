@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clusterformers import attention as _attention
+from clusterformers.checks import check_inputs_default
 from clusterformers.moe import layer as _moe_layer
 
 __all__ = ["EllipticalAttention", "MoE"]
@@ -199,7 +200,7 @@ class EllipticalAttention(_WithOptions, _attention.EllipticalAttention):
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim or 0 in x.shape[:2]:
             raise ValueError(f"x: expected a [B, N, dim={self.dim}] tensor, got shape {list(getattr(x, 'shape', []))}")
         batch, n, _ = x.shape
-        check = _attention.check_inputs_default(self.check_inputs, x)
+        check = check_inputs_default(self.check_inputs, x)
         if check and not bool(torch.isfinite(x).all()):
             raise ValueError("x contains NaN or inf; check the inputs (or the previous layer) for overflow")
         keep = self.key_padding(attn_mask, batch, n, is_causal=is_causal, check=check)

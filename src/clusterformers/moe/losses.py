@@ -54,6 +54,8 @@ def load_balancing_loss(
     s, keep = _stack_layers(logits, key_padding_mask)
     if s.shape[1] != num_experts:
         raise ValueError(f"logits: expected {num_experts} experts in the last dim, got {s.shape[1]}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k: expected an int in 1..num_experts={num_experts}, got {top_k!r}")
     probs = torch.softmax(s, dim=1)
     top = torch.topk(probs, top_k, dim=1).indices
     counts = torch.zeros(num_experts, dtype=s.dtype, device=s.device)

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clusterformers.checks import check_inputs_default
+
 from .adaptive import ACConfig, ACStats, AdaptiveMetric, resolve_ac
 
 __all__ = [
@@ -88,7 +90,7 @@ def flatten_tokens(
 def check_finite(x: Tensor, name: str = "h", check_inputs: bool | None = True) -> None:
     """Raise ValueError if ``x`` holds NaN or inf (one host sync); ``check_inputs=None`` checks CPU
     tensors only, ``False`` never."""
-    if (x.device.type == "cpu" if check_inputs is None else check_inputs) and not bool(torch.isfinite(x).all()):
+    if check_inputs_default(check_inputs, x) and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name}: expected finite values, got NaN or inf")
 
 

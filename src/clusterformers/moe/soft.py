@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clusterformers.checks import check_inputs_default
+
 from .adaptive import ACConfig, AdaptiveMetric, resolve_ac
 from .layer import Experts, KeepsLastForward, LastForward, RoutingLayer
 from .routers import RoutingState, check_finite, check_state, flatten_tokens
@@ -76,8 +78,17 @@ class SoftMoE(RoutingLayer, KeepsLastForward, nn.Module):
     ) -> Tensor | tuple[Tensor, Tensor]:
         if x.dim() != 3 or x.shape[-1] != self.dim or x.shape[0] * x.shape[1] == 0:
             raise ValueError(f"x: expected a non-empty [B, m, {self.dim}] tensor, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
         _, mask = flatten_tokens(x, self.dim, key_padding_mask, name="x")
         check_finite(x, "x", self.check_inputs)
+        check = check_inputs_default(self.check_inputs, x)
+        if mask is not None and check and not bool(key_padding_mask.any(dim=1).all()):
+            empty = (~key_padding_mask.any(dim=1)).nonzero().flatten().tolist()
+            raise ValueError(
+                f"key_padding_mask keeps no token in sample(s) {empty}: their slots would be filled with padding; "
+                "drop those samples"
+            )
         B, n, d = x.shape
         E, p = self.num_experts, self.slots_per_expert
         prev = self.previous_state(prev)
