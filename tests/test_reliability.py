@@ -158,3 +158,71 @@ def test_bad_inputs_name_the_argument_and_the_fix(tmp_path) -> None:
     one_paragraph.write_text("the cat sat on the mat " * 200)  # no blank lines: one document
     corpus = build_corpus("byte", path=one_paragraph)
     assert min(corpus.train.numel(), corpus.valid.numel(), corpus.test.numel()) > 100
+
+
+def _tiny_lm_run(out, attention: str = "softmax", steps: int = 2, resume: bool = False):
+    import torch.nn.functional as F
+
+    from clusterformers.models.transformer import TransformerLM, TransformerLMConfig
+    from clusterformers.train import TrainConfig, train
+
+    torch.manual_seed(0)
+    model = TransformerLM(TransformerLMConfig(vocab_size=11, context=8, dim=8, depth=2, num_heads=2,
+                                              attention=attention))
+
+    def batch_fn(step, rank=0, world=1):
+        return torch.randint(0, 11, (2, 9), generator=torch.Generator().manual_seed(step))
+
+    def loss_fn(net, batch):
+        return F.cross_entropy(net(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()), {}
+
+    cfg = TrainConfig(steps=steps, lr=1e-2, warmup_steps=0, log_every=1, ckpt_every=1, device="cpu",
+                      progress=False)
+    return train(model, loss_fn, batch_fn, cfg, out, resume=resume)
+
+
+def test_checkpoints_cannot_be_mixed_up(tmp_path) -> None:
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from clusterformers.checkpoint import CheckpointError
+
+    run, other = tmp_path / "run", tmp_path / "other"
+    _tiny_lm_run(run)
+    _tiny_lm_run(other, steps=1)
+    # a softmax checkpoint does not resume into an elliptical model (their parameter names agree)
+    with pytest.raises(CheckpointError, match="model_signature.*softmax vs elliptical"):
+        _tiny_lm_run(run, "elliptical", steps=3, resume=True)
+    # an optimizer file copied from another run is refused
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    shutil.copy(other / "optimizer.safetensors", broken / "optimizer.safetensors")
+    with pytest.raises(CheckpointError, match="optimizer.safetensors"):
+        _tiny_lm_run(broken, steps=3, resume=True)
+    # a flipped byte inside the tensor data (the header still parses) is refused
+    flipped = tmp_path / "flipped"
+    shutil.copytree(run, flipped)
+    data = bytearray((flipped / "checkpoint.safetensors").read_bytes())
+    data[-5] ^= 0x40
+    (flipped / "checkpoint.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="SHA-256 differs"):
+        _tiny_lm_run(flipped, steps=3, resume=True)
+    # temporaries a killed writer left are removed; the untouched run resumes
+    stale = run / ".checkpoint.safetensors.12345.tmp"
+    stale.write_bytes(b"half a file")
+    assert _tiny_lm_run(run, steps=3, resume=True).step == 3
+    assert not stale.exists()
+    # a second live process is refused; a lock left by a dead one is taken over
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / ".lock").write_text(str(sleeper.pid))
+        with pytest.raises(ValueError, match=f"in use by process {sleeper.pid}"):
+            _tiny_lm_run(run, steps=4, resume=True)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert _tiny_lm_run(run, steps=4, resume=True).step == 4  # the sleeper's lock is stale now
+    assert not (run / ".lock").exists()
+    assert os.listdir(run)  # nothing else removed

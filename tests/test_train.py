@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from clusterformers.checkpoint import sha256_of
 from clusterformers.train import (
     CheckpointError,
     TrainConfig,
@@ -264,11 +265,17 @@ def _break(tmp_path: Path, src: Path, name: str) -> Path:
 
 
 def _rewrite_safetensors(path: Path, edit) -> None:  # edit(tensors) changes the dict in place
+    """Rewrite a tensor file and record its new SHA-256 in state.json: a consistent but wrong file, which
+    only the key-level checks can catch."""
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     tensors = load_file(str(path))
     edit(tensors)
     save_file(tensors, str(path), metadata=meta)
+    state_path = path.parent / "state.json"
+    state = json.loads(state_path.read_text())
+    state["sha256"][path.name] = sha256_of(path)
+    state_path.write_text(json.dumps(state))
 
 
 def test_corrupt_or_mismatched_checkpoint_names_file_and_key(tmp_path, reference):

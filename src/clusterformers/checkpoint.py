@@ -9,14 +9,18 @@ A checkpoint is three files in a run directory:
   rank, the config.
 
 Each file is written to a temporary name, fsynced and moved into place with ``os.replace``; all three
-carry one random ``checkpoint_id``, so a checkpoint torn by a crash between the three renames is detected
-on load instead of being mixed. A missing, corrupt or mismatched file raises :class:`CheckpointError`
-naming the file and the key.
+carry one random ``checkpoint_id``, so a checkpoint torn by a crash between the three renames, or a file
+copied from another run, is detected on load instead of being mixed. ``state.json`` also records the
+SHA-256 of both tensor files (a flipped byte is refused) and a signature of the model's structure (module
+classes and settings: a softmax checkpoint does not resume into an elliptical model, although their
+parameter names agree). A missing, corrupt or mismatched file raises :class:`CheckpointError` naming the
+file and the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -42,8 +46,11 @@ __all__ = [
     "OPTIMIZER_FILE",
     "STATE_FILE",
     "CheckpointError",
+    "RunLock",
     "atomic_write",
     "load_checkpoint",
+    "model_signature",
+    "remove_stale_temporaries",
     "restore_checkpoint",
     "rng_capture",
     "rng_restore",
@@ -125,6 +132,85 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def sha256_of(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_signature(model: nn.Module) -> str:
+    """Hex digest of the model's structure: each submodule's path, class and ``extra_repr`` (settings).
+
+    Two models whose parameters have the same names and shapes but whose layers differ (softmax vs
+    elliptical attention, another AC preset) get different signatures."""
+    parts = [f"{name}:{type(m).__module__}.{type(m).__qualname__}({m.extra_repr()})"
+             for name, m in unwrap_model(model).named_modules()]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+LOCK_FILE = ".lock"
+
+
+class RunLock:
+    """Exclusive use of a run directory by one writing process: ``out_dir/.lock`` holds the owner's pid.
+
+    A second process refuses with a clear error while the owner lives; a lock left by a dead process (a
+    kill) is taken over. Use as a context manager; the lock is removed on exit.
+    """
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = out_dir / LOCK_FILE
+
+    def __enter__(self) -> RunLock:
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and owner != os.getpid() and _alive(owner):
+                    raise ValueError(
+                        f"run directory {self.path.parent} is in use by process {owner} (its {LOCK_FILE}); wait "
+                        "for it to finish or choose another output directory"
+                    ) from None
+                self.path.unlink(missing_ok=True)  # left by a process that is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            return self
+        raise ValueError(f"could not take {self.path}: another process keeps creating it")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._owner() == os.getpid():
+            self.path.unlink(missing_ok=True)
+
+    def _owner(self) -> int | None:
+        try:
+            return int(self.path.read_text().strip() or "0") or None
+        except (OSError, ValueError):
+            return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(out_dir: Path) -> list[Path]:
+    """Delete the temporaries (``.<name>.<pid>.tmp``) that a killed writer left in ``out_dir``; returns them."""
+    stale = [p for p in out_dir.glob(".*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -233,11 +319,14 @@ def write_checkpoint(out_dir: Path, model: nn.Module, step: int, optimizer: torc
     tensors, aliases = _model_tensors(model, extra)
     meta[_META_ALIASES] = json.dumps(aliases)
     state: dict[str, Any] = {"format_version": FORMAT_VERSION, "checkpoint_id": ckpt_id, "step": step,
-                             "world_size": len(rng), "config": config, "rng": rng, "optimizer": None}
+                             "world_size": len(rng), "config": config, "model_signature": model_signature(model),
+                             "rng": rng, "optimizer": None, "sha256": {}}
     atomic_write(out_dir / MODEL_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    state["sha256"][MODEL_FILE] = sha256_of(out_dir / MODEL_FILE)
     if optimizer is not None:
         opt_tensors, state["optimizer"] = _optimizer_parts(optimizer)
         atomic_write(out_dir / OPTIMIZER_FILE, lambda tmp: save_file(opt_tensors, str(tmp), metadata=meta))
+        state["sha256"][OPTIMIZER_FILE] = sha256_of(out_dir / OPTIMIZER_FILE)
     write_json(out_dir / STATE_FILE, state)  # last: the commit point
     logger.debug("saved checkpoint at step %d to %s", step, out_dir)
     return out_dir / MODEL_FILE
@@ -255,7 +344,16 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, *, step: int = 0,
                             [rng_to_json(rng_capture())], None)
 
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, saved: Any, path: Path, state_path: Path) -> None:
+def _verify_sha256(path: Path, state: dict[str, Any], state_path: Path) -> None:
+    """Compare ``path``'s SHA-256 with the one ``state.json`` recorded (checkpoints from before it had none)."""
+    expected = (state.get("sha256") or {}).get(path.name)
+    if expected is not None and path.is_file() and sha256_of(path) != expected:
+        raise CheckpointError(f"{path}: key '<file>': its SHA-256 differs from the one in {state_path} "
+                              "(the file was corrupted or replaced after it was written)")
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, saved: Any, path: Path, state_path: Path,
+                    checkpoint_id: str, checksums: dict[str, str]) -> None:
     if not isinstance(saved, dict) or not {"class", "param_groups", "state"} <= saved.keys():
         raise CheckpointError(f"{state_path}: key 'optimizer' is missing or incomplete")
     if saved["class"] != type(optimizer).__name__:
@@ -273,7 +371,12 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, saved: Any, path: Path, st
         if changed:
             logger.warning("resuming with changed optimizer settings %s (the new values are used)",
                            sorted(changed))
-    tensors, _ = _read_safetensors(path)
+    tensors, meta = _read_safetensors(path)
+    saved_id = meta.get(_META_ID)
+    if saved_id is not None and saved_id != checkpoint_id:
+        raise CheckpointError(f"{path}: key 'metadata.{_META_ID}' is {saved_id} but {state_path} has "
+                              f"{checkpoint_id}: the optimizer file comes from another save or another run")
+    _verify_sha256(path, {"sha256": checksums}, state_path)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     state: dict[int, dict[str, Any]] = {}
     used: set[str] = set()
@@ -300,23 +403,33 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, saved: Any, path: Path, st
 
 def restore_checkpoint(model: nn.Module, path: str | Path, extra: list[Tensor],
                        optimizer: torch.optim.Optimizer | None,
-                       strict: bool) -> tuple[int, dict[str, Any] | None]:
-    """Load model (+ extra, + optimizer) state; returns ``(step, state.json or None)``."""
+                       strict: bool, check_signature: bool = False) -> tuple[int, dict[str, Any] | None]:
+    """Load model (+ extra, + optimizer) state; returns ``(step, state.json or None)``.
+
+    ``check_signature``: refuse a checkpoint whose recorded model structure (:func:`model_signature`)
+    differs from ``model``'s, before anything is loaded."""
     path = Path(path)
     model_path = path / MODEL_FILE if path.is_dir() else path
     state_path = model_path.parent / STATE_FILE
     tensors, meta = _read_safetensors(model_path)
+    state = _read_state(state_path) if optimizer is not None or state_path.is_file() else None
+    if state is not None:
+        if _META_ID in meta and meta[_META_ID] != state["checkpoint_id"]:
+            raise CheckpointError(f"{model_path}: key 'metadata.{_META_ID}' is {meta[_META_ID]} but "
+                                  f"{state_path} has {state['checkpoint_id']}: the files come from different "
+                                  "saves (a save was interrupted between its renames, or a file was copied)")
+        _verify_sha256(model_path, state, state_path)
+        saved_signature = state.get("model_signature")
+        if check_signature and saved_signature is not None and saved_signature != model_signature(model):
+            raise CheckpointError(
+                f"{state_path}: key 'model_signature' is {saved_signature}, the model's is "
+                f"{model_signature(model)}: the checkpoint was written by a model with other layers or settings "
+                "(e.g. softmax vs elliptical attention); resume with the model that wrote it, or start fresh"
+            )
     try:
         aliases = json.loads(meta.get(_META_ALIASES, "{}"))
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{model_path}: key 'metadata.{_META_ALIASES}' is not valid JSON") from err
-    state = None
-    if optimizer is not None or state_path.is_file():
-        state = _read_state(state_path)
-        if _META_ID in meta and meta[_META_ID] != state["checkpoint_id"]:
-            raise CheckpointError(f"{model_path}: key 'metadata.{_META_ID}' is {meta[_META_ID]} but "
-                                  f"{state_path} has {state['checkpoint_id']}: the files come from different "
-                                  "saves (a save was interrupted between its renames)")
     model = unwrap_model(model)
     full: dict[str, Tensor] = {}
     for key, ref in model.state_dict().items():
@@ -347,7 +460,8 @@ def restore_checkpoint(model: nn.Module, path: str | Path, extra: list[Tensor],
             p.copy_(tensors[key])
     if optimizer is not None:
         assert state is not None
-        _load_optimizer(optimizer, state.get("optimizer"), model_path.parent / OPTIMIZER_FILE, state_path)
+        _load_optimizer(optimizer, state.get("optimizer"), model_path.parent / OPTIMIZER_FILE, state_path,
+                        state["checkpoint_id"], state.get("sha256") or {})
     try:
         step = int(meta.get(_META_STEP, state["step"] if state else 0))
     except ValueError as err:

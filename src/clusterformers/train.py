@@ -26,6 +26,7 @@ and resumed ends with bitwise the same parameters as an uninterrupted one (same 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -48,8 +49,10 @@ from clusterformers.checkpoint import (
     MODEL_FILE,
     STATE_FILE,
     CheckpointError,
+    RunLock,
     atomic_write,
     load_checkpoint,
+    remove_stale_temporaries,
     restore_checkpoint,
     rng_capture,
     rng_restore,
@@ -438,8 +441,18 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[Tensor, di
         raise ValueError("resume=True needs out_dir (the run directory holding the checkpoint)")
     t0 = time.perf_counter()
     rank, world, device, created = setup_distributed(resolve_device(cfg.device))
-    result = _train(model, loss_fn, batch_fn, cfg, None if out_dir is None else Path(out_dir), eval_fn,
-                    resume, extra_params, extra_config, rank, world, device, t0)
+    out = None if out_dir is None else Path(out_dir)
+    if out is not None and rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        lock: contextlib.AbstractContextManager = RunLock(out)
+    else:
+        lock = contextlib.nullcontext()
+    with lock:
+        if out is not None and rank == 0:
+            for path in remove_stale_temporaries(out):
+                logger.info("removed %s, left by an interrupted write", path)
+        result = _train(model, loss_fn, batch_fn, cfg, out, eval_fn, resume, extra_params, extra_config, rank,
+                        world, device, t0)
     if created:  # not after an exception: other ranks may be inside a collective (torchtitan#1342)
         dist.barrier()
         dist.destroy_process_group()
@@ -460,7 +473,7 @@ def _train(model: nn.Module, loss_fn: Callable, batch_fn: Callable, cfg: TrainCo
     start = 0
     resumed = resume and ((out / STATE_FILE).exists() or (out / MODEL_FILE).exists())
     if resumed:
-        start, state = restore_checkpoint(model, out, extra, optimizer, strict=True)
+        start, state = restore_checkpoint(model, out, extra, optimizer, strict=True, check_signature=True)
         assert state is not None
         if len(state["rng"]) != world:
             logger.warning("checkpoint has RNG states of %d ranks, the run has %d: resume is not exact",
