@@ -14,7 +14,6 @@ Run ``python bench/attention.py [--quick] [--device cpu|cuda|auto] [--threads T]
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -22,7 +21,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from common import device_of, interleaved, record  # bench/common.py: the script's folder is on sys.path
+from common import device_of, interleaved, parse_args, record  # bench/common.py: the script's folder is on sys.path
 from torch import Tensor
 
 from clusterformers.attention import EllipticalAttention, MultiheadAttention, elliptical_metric
@@ -151,12 +150,7 @@ def _table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="N=512 only, fewer repetitions")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default min(8, cores))")
-    parser.add_argument("--json", action="store_true", help="one JSON object per line")
-    args = parser.parse_args()
+    args = parse_args(__doc__, "N=512 only, fewer repetitions")
     rows = run(quick=args.quick, device=args.device, threads=args.threads)
     print("\n".join(json.dumps(r) for r in rows) if args.json else _table(rows))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 from collections.abc import Callable
@@ -65,3 +66,13 @@ def device_of(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def parse_args(doc: str, quick_help: str = "fewer repetitions") -> argparse.Namespace:
+    """The options every benchmark script takes: ``--quick``, ``--device``, ``--threads``, ``--json``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default min(8, cores))")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    return parser.parse_args()

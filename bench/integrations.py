@@ -18,14 +18,13 @@ environment (``make test-timm``). Run ``python bench/integrations.py [--quick] [
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
 from collections.abc import Callable
 
 import torch
-from common import device_of, interleaved, record  # bench/common.py: the script's folder is on sys.path
+from common import device_of, interleaved, parse_args, record  # bench/common.py: the script's folder is on sys.path
 
 from clusterformers.attention import KVCache
 from clusterformers.models.transformer import TransformerLM, TransformerLMConfig
@@ -157,12 +156,7 @@ def run(quick: bool = False, device: str = "auto", threads: int | None = None) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default min(8, cores))")
-    parser.add_argument("--json", action="store_true", help="one JSON object per line")
-    args = parser.parse_args()
+    args = parse_args(__doc__)
     for row in run(quick=args.quick, device=args.device, threads=args.threads):
         if args.json or "skipped" in row:
             print(json.dumps(row))

@@ -15,13 +15,12 @@ Run ``python bench/moe.py [--quick] [--device cpu|cuda|auto] [--threads T] [--js
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from collections.abc import Callable
 
 import torch
-from common import device_of, interleaved, record  # bench/common.py: the script's folder is on sys.path
+from common import device_of, interleaved, parse_args, record  # bench/common.py: the script's folder is on sys.path
 
 from clusterformers.moe import MoE, Router
 
@@ -160,12 +159,7 @@ def _table(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default min(8, cores))")
-    parser.add_argument("--json", action="store_true", help="one JSON object per line")
-    args = parser.parse_args()
+    args = parse_args(__doc__)
     rows = run(quick=args.quick, device=args.device, threads=args.threads)
     print("\n".join(json.dumps(r) for r in rows) if args.json else _table(rows))
 
