@@ -226,3 +226,14 @@ def test_checkpoints_cannot_be_mixed_up(tmp_path) -> None:
     assert _tiny_lm_run(run, steps=4, resume=True).step == 4  # the sleeper's lock is stale now
     assert not (run / ".lock").exists()
     assert os.listdir(run)  # nothing else removed
+
+
+def test_run_directories_with_spaces_and_non_ascii_names_and_a_file_in_the_way(tmp_path) -> None:
+    run = tmp_path / "dir with spaces é ü" / "run"
+    assert _tiny_lm_run(run, steps=1).step == 1
+    assert _tiny_lm_run(run, steps=2, resume=True).step == 2
+    in_the_way = tmp_path / "a file"
+    in_the_way.write_text("not a directory")
+    with pytest.raises(ValueError, match="is a file, not a directory"):
+        _tiny_lm_run(in_the_way, steps=1)
+    assert in_the_way.read_text() == "not a directory"

@@ -442,6 +442,8 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[Tensor, di
     t0 = time.perf_counter()
     rank, world, device, created = setup_distributed(resolve_device(cfg.device))
     out = None if out_dir is None else Path(out_dir)
+    if out is not None and out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir {str(out)!r} is a file, not a directory; pass a directory for the run")
     if out is not None and rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         lock: contextlib.AbstractContextManager = RunLock(out)
