@@ -386,6 +386,8 @@ class _Attention(StatefulLayer, nn.Module):
         batch, n, _ = x.shape
         if batch == 0 or n == 0:
             raise ValueError(f"x is empty (shape {list(x.shape)}): need at least one sample and one token")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
         if kv_cache is not None and not self.causal:
             raise ValueError("kv_cache: only causal attention decodes incrementally; pass kv_cache=None")
         check = check_inputs_default(self.check_inputs, x)

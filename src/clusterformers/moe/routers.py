@@ -69,6 +69,8 @@ def flatten_tokens(
     """``x[..., dim]`` -> ``[T, dim]`` and ``key_padding_mask[...]`` (True = keep) -> ``[T]``; checks shapes."""
     if x.dim() < 1 or x.shape[-1] != dim:
         raise ValueError(f"{name}: expected shape [..., {dim}], got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got {x.dtype}")
     x2 = x.reshape(-1, dim)
     if x2.shape[0] == 0:
         raise ValueError(f"{name}: expected at least one token, got shape {tuple(x.shape)}")

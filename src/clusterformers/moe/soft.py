@@ -78,8 +78,6 @@ class SoftMoE(RoutingLayer, KeepsLastForward, nn.Module):
     ) -> Tensor | tuple[Tensor, Tensor]:
         if x.dim() != 3 or x.shape[-1] != self.dim or x.shape[0] * x.shape[1] == 0:
             raise ValueError(f"x: expected a non-empty [B, m, {self.dim}] tensor, got shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
         _, mask = flatten_tokens(x, self.dim, key_padding_mask, name="x")
         check_finite(x, "x", self.check_inputs)
         check = check_inputs_default(self.check_inputs, x)
@@ -92,7 +90,8 @@ class SoftMoE(RoutingLayer, KeepsLastForward, nn.Module):
         B, n, d = x.shape
         E, p = self.num_experts, self.slots_per_expert
         prev = self.previous_state(prev)
-        xh = F.normalize(x, dim=-1)
+        # in at least float32: in float16 the default eps underflows and zero tokens would become NaN
+        xh = F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1).to(x.dtype)
         stats = None
         if self.metric is not None and prev is not None:
             check_state(prev, E, B * n, self.ac.mix)
