@@ -17,6 +17,8 @@ def _stack_layers(logits: Tensor | tuple[Tensor, ...] | list[Tensor], mask: Tens
         if layer.dim() != 2 or layer.shape != layers[0].shape:
             raise ValueError(f"logits[{i}]: expected shape [T, E] = {tuple(layers[0].shape)}, got {tuple(layer.shape)}")
     T = layers[0].shape[0]
+    if T == 0:
+        raise ValueError("logits: expected at least one token, got shape (0, E)")
     device = layers[0].device
     if mask is None:
         keep = torch.ones(T, device=device)
