@@ -444,13 +444,11 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Any], tuple[Tensor, di
     out = None if out_dir is None else Path(out_dir)
     if out is not None and out.exists() and not out.is_dir():
         raise ValueError(f"out_dir {str(out)!r} is a file, not a directory; pass a directory for the run")
-    if out is not None and rank == 0:
+    writer = out is not None and rank == 0  # only rank 0 writes files
+    if writer:
         out.mkdir(parents=True, exist_ok=True)
-        lock: contextlib.AbstractContextManager = RunLock(out)
-    else:
-        lock = contextlib.nullcontext()
-    with lock:
-        if out is not None and rank == 0:
+    with RunLock(out) if writer else contextlib.nullcontext():
+        if writer:
             for path in remove_stale_temporaries(out):
                 logger.info("removed %s, left by an interrupted write", path)
         result = _train(model, loss_fn, batch_fn, cfg, out, eval_fn, resume, extra_params, extra_config, rank,
@@ -469,8 +467,7 @@ def _train(model: nn.Module, loss_fn: Callable, batch_fn: Callable, cfg: TrainCo
     optimizer = _optimizer(model, extra, cfg)
     writing = rank == 0 and out is not None
     config = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as stored, for comparisons on resume
-    if writing:
-        out.mkdir(parents=True, exist_ok=True)
+    if writing:  # train() has created the directory
         write_json(out / CONFIG_FILE, {"train": config, "extra": extra_config})
     start = 0
     resumed = resume and ((out / STATE_FILE).exists() or (out / MODEL_FILE).exists())
