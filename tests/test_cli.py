@@ -13,13 +13,13 @@ from clusterformers import cli
 from clusterformers.experiments import elliptical
 
 
-def tiny_elliptical(**kwargs) -> elliptical.EllipticalConfig:
-    vit = elliptical.VitStudy(variants=("softmax", "elliptical", "identity-M"), depth=2, dim=32, epochs=1,
-                              batch_size=256, eval_images=64, noise_sigmas=(0.3,), attack_eps=(8,), pgd_steps=2,
-                              spsa_images=8, spsa_iters=2, spsa_samples=4)
-    lm = elliptical.LmStudy(variants=("softmax", "elliptical"), depth=2, dim=32, context=16, steps=4, batch_size=4,
-                            max_vocab=500, max_chars=400_000, eval_tokens=2000)
-    cfg = elliptical.EllipticalConfig(vit, lm, seeds=(0, 1))
+def tiny_elliptical(epochs: int = 1, **kwargs) -> elliptical.EllipticalConfig:
+    vit = elliptical.VitStudy(arms=("softmax", "elliptical"), depth=2, dim=32, epochs=epochs, batch_size=256,
+                              eval_images=64, noise_sigmas=(0.3,), attack_eps=(4, 8), pgd_steps=2, spsa_images=8,
+                              spsa_eps=8, spsa_iters=2, spsa_samples=4)
+    lm = elliptical.LmStudy(seeds=2, depth=2, dim=32, context=16, steps=4, batch_size=4, max_vocab=500,
+                            max_chars=400_000, eval_tokens=2000)
+    cfg = elliptical.EllipticalConfig(vit, lm, seeds=(0, 1), workers=kwargs.get("workers", 1))
     cfg.device = kwargs.get("device", "cpu")
     return cfg
 
@@ -29,19 +29,51 @@ def test_reproduce_writes_report_and_resumes(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(elliptical, "make_config", tiny_elliptical)
     assert cli.main(["reproduce", "--paper", "elliptical", "--out", str(tmp_path)]) == 0
     report = (tmp_path / "report.md").read_text()
-    assert "ViT on MNIST-5k" in report and "word-level LM" in report
-    assert "identity-M reproduces softmax exactly (determinism check): yes" in report
-    for fig in ("vit_pgd.png", "vit_fgsm.png", "vit_token_cosine.png"):
+    assert "ViT on MNIST-5k" in report and "Word-level LM" in report and "### Claims" in report
+    assert "2 seeds decide nothing" in report and "SPSA strength" in report
+    for fig in ("elliptical_pgd.png", "elliptical_token_cosine.png"):
         assert (tmp_path / "figures" / fig).stat().st_size > 1000
     results = json.loads((tmp_path / "results.json").read_text())
-    vit = results["Elliptical Attention — ViT on MNIST-5k"]["vit"]
-    assert len(vit["elliptical"]) == 2 and 0.0 <= vit["elliptical"][0]["clean"] <= 1.0
-    assert len(vit["elliptical"][0]["token_cosine"]) == 2
-    cell = tmp_path / "elliptical" / "vit" / "softmax" / "seed0" / "result.json"
+    section = results["Elliptical Attention — ViT on MNIST-5k and a word-level LM"]
+    cells = section["cells"]
+    assert set(cells) == {"vit-softmax", "vit-elliptical", "lm-softmax", "lm-elliptical"}
+    ell = cells["vit-elliptical"]["0"]
+    assert 0.0 <= ell["clean"] <= 1.0 and len(ell["token_cosine"]) == 2 and len(ell["items"]["clean"]) == 64
+    assert ell["pgd_grad_mean"] == pytest.approx((ell["pgd_grad_e4"] + ell["pgd_grad_e8"]) / 2)
+    assert "pgd_detached_e8" in ell and "pgd_detached_e8" not in cells["vit-softmax"]["0"]
+    assert len(ell["items"]["spsa"]) == 8
+    lm = cells["lm-elliptical"]["1"]
+    assert lm["test_ppl"] == pytest.approx(np.exp(np.mean(lm["items"]["nll"])), rel=1e-6)
+    assert {v["claim"] for v in section["verdicts"]} >= {"pgd", "clean", "collapse", "lm"}
+    (cell,) = list(tmp_path.glob("elliptical/vit-softmax-*/seed0/result.json"))
     assert (cell.parent / "checkpoint.safetensors").exists() and (cell.parent / "metrics.csv").exists()
     before = cell.stat().st_mtime_ns
     assert cli.main(["reproduce", "--paper", "elliptical", "--out", str(tmp_path)]) == 0
     assert cell.stat().st_mtime_ns == before, "a finished cell must be reused, not recomputed"
+
+
+def test_a_longer_run_never_reuses_shorter_cells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: the elliptical study once cached cells at vit/<variant>/seed<s>, so a smoke run followed by a
+    full run reported the smoke cells as full results. Cells now live under a hash of their settings."""
+    torch.set_num_threads(1)
+    short, long = tiny_elliptical(epochs=1), tiny_elliptical(epochs=2)
+
+    def paths(cfg, model):
+        return {c.path(tmp_path) for c in cfg.cells() if c.arm.startswith(model)}
+
+    assert paths(short, "vit").isdisjoint(paths(long, "vit"))
+    assert paths(short, "lm") == paths(long, "lm")  # the LM's settings did not change: its cells are shared
+    assert paths(short, "vit") == paths(tiny_elliptical(epochs=1), "vit")
+    monkeypatch.setattr(elliptical, "make_config", lambda **kw: short)
+    assert cli.main(["reproduce", "--paper", "elliptical", "--out", str(tmp_path)]) == 0
+    first = json.loads((tmp_path / "results.json").read_text())
+    monkeypatch.setattr(elliptical, "make_config", lambda **kw: long)
+    assert cli.main(["reproduce", "--paper", "elliptical", "--out", str(tmp_path)]) == 0
+    second = json.loads((tmp_path / "results.json").read_text())
+    key = "Elliptical Attention — ViT on MNIST-5k and a word-level LM"
+    steps = {json.loads(p.read_text())["step"] for p in tmp_path.glob("elliptical/vit-softmax-*/seed0/state.json")}
+    assert len(steps) == 2 and max(steps) == 2 * min(steps)  # both cells exist, each trained for its own epochs
+    assert first[key]["cells"]["vit-softmax"]["0"] != second[key]["cells"]["vit-softmax"]["0"]
 
 
 def test_train_vit_on_user_npz(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -425,3 +425,21 @@ def test_word_swap_custom_stopwords_and_errors():
         T.word_swap(tokens, vocab, 1.5, seed=0)
     with pytest.raises(ValueError, match="LongTensor"):
         T.word_swap(tokens.float(), vocab, 0.1, seed=0)
+
+
+def test_random_translate_moves_each_image_within_its_shift() -> None:
+    from clusterformers.data.augment import random_translate
+
+    x = torch.zeros(64, 2, 9, 9)
+    x[:, :, 4, 4] = torch.arange(1, 129, dtype=torch.float32).view(64, 2)
+    y = random_translate(x, 2, torch.Generator().manual_seed(0))
+    assert y.shape == x.shape and torch.equal(y.sum((2, 3)), x.sum((2, 3)))  # the dot stays inside
+    where = torch.stack([torch.nonzero(y[i, 0])[0] for i in range(64)])
+    assert where.min() >= 2 and where.max() <= 6 and len({tuple(w.tolist()) for w in where}) > 10
+    assert torch.equal(torch.nonzero(y[:, 0]), torch.nonzero(y[:, 1]))  # channels move together
+    assert torch.equal(y, random_translate(x, 2, torch.Generator().manual_seed(0)))
+    assert random_translate(x, 0) is x
+    with pytest.raises(ValueError, match="shift"):
+        random_translate(x, -1)
+    with pytest.raises(ValueError, match="images"):
+        random_translate(x[0], 1)

@@ -220,7 +220,7 @@ def _batches(data: Any, batch_size: int) -> Iterable[tuple[Tensor, Tensor]]:
     return ((batch[0], batch[1]) for batch in data)
 
 
-def robust_accuracy(
+def correct_mask(
     model: nn.Module,
     data: Any,
     attack: Attack | str | None,
@@ -228,8 +228,8 @@ def robust_accuracy(
     batch_size: int = 256,
     device: torch.device | str | None = None,
     **attack_kwargs: Any,
-) -> float:
-    """Accuracy of ``model`` on attacked inputs (clean accuracy when ``attack`` is None).
+) -> Tensor:
+    """Per sample, whether ``model`` classifies the attacked input correctly (clean when ``attack`` is None).
 
     Args:
         model: classifier on pixels in ``[0, 1]``.
@@ -242,7 +242,7 @@ def robust_accuracy(
         **attack_kwargs: passed to the attack (``eps``, ``steps``, ``generator``, ...).
 
     Returns:
-        Fraction of samples whose prediction on the attacked input equals the label.
+        bool ``[N]`` on the CPU, in the order of ``data``.
     """
     if isinstance(attack, str):
         if attack not in _ATTACKS:
@@ -253,14 +253,28 @@ def robust_accuracy(
     if device is None:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
-    correct, total = 0, 0
+    out = []
     for x, y in _batches(data, batch_size):
         x, y = x.to(device), y.to(device)
         x_eval = x if attack is None else attack(model, x, y, **attack_kwargs)
         with eval_mode(model), torch.no_grad():
-            correct += int((model(x_eval).argmax(dim=1) == y).sum())
-        total += y.shape[0]
-    if total == 0:
+            out.append((model(x_eval).argmax(dim=1) == y).cpu())
+    if not out or sum(o.numel() for o in out) == 0:
         raise ValueError("robust_accuracy got no samples")
-    logger.debug("robust accuracy %d/%d", correct, total)
-    return correct / total
+    return torch.cat(out)
+
+
+def robust_accuracy(
+    model: nn.Module,
+    data: Any,
+    attack: Attack | str | None,
+    *,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+    **attack_kwargs: Any,
+) -> float:
+    """Accuracy of ``model`` on attacked inputs (clean accuracy when ``attack`` is None): the mean of
+    :func:`correct_mask` (same arguments)."""
+    correct = correct_mask(model, data, attack, batch_size=batch_size, device=device, **attack_kwargs)
+    logger.debug("robust accuracy %d/%d", int(correct.sum()), correct.numel())
+    return float(correct.double().mean())
