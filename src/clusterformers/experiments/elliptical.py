@@ -88,10 +88,10 @@ class LmStudy:
     num_heads: int = 4
     context: int = 64
     dropout: float = 0.1
-    steps: int = 2000
+    steps: int = 1500
     batch_size: int = 32
     lr: float = 1e-3
-    max_vocab: int = 10000
+    max_vocab: int = 5000
     max_chars: int | None = None
     swap_fractions: tuple[float, ...] = (0.015, 0.05)
     eval_tokens: int | None = 40_000
