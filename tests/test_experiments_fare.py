@@ -106,7 +106,12 @@ def test_validation_split_is_cut_from_train_and_never_touches_test() -> None:
     train_all, test = fare.load_data("digits", None, "test", 300)
     train_val, val = fare.load_data("digits", None, "val", 300)
     assert len(val) == 300 and len(train_val) + len(val) == len(train_all)
-    assert torch.equal(torch.cat([train_val.images, val.images]), train_all.images)
+    # a partition of the training images (as multisets of rows), not touching the test images
+    rows = torch.cat([train_val.images, val.images]).flatten(1)
+    assert torch.equal(rows.sort(0).values, train_all.images.flatten(1).sort(0).values)
+    # stratified: every digit keeps its share in the validation images (the training images are digit-sorted)
+    share = torch.bincount(val.labels, minlength=10).double() / 300
+    assert torch.allclose(share, torch.bincount(train_all.labels, minlength=10).double() / len(train_all), atol=0.01)
     with pytest.raises(ValueError, match="split"):
         fare.load_data("digits", None, "train", 300)
     with pytest.raises(ValueError, match="val_size"):
