@@ -1,4 +1,5 @@
-"""Markdown tables, paired statistics and matplotlib figures for a run directory.
+"""Markdown tables, summaries and matplotlib figures for a run directory (the statistics behind verdicts
+are in ``experiments.claims``).
 
 Every experiment returns a :class:`Section`; :func:`write_report` joins them into ``report.md``.
 """
@@ -16,10 +17,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-
-# Two-sided 95% Student-t quantiles for 1..30 degrees of freedom (then the normal value).
-_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 
 
 @dataclass
@@ -46,46 +43,6 @@ def fmt(values: Sequence[float], digits: int = 2, scale: float = 1.0) -> str:
     if math.isnan(m):
         return "–"
     return f"{m:.{digits}f} ± {s:.{digits}f}"
-
-
-def paired_diff(a: Sequence[float], b: Sequence[float]) -> tuple[float, float, float]:
-    """Mean of the paired differences ``a − b`` and its two-sided 95% t confidence interval ``(mean, lo, hi)``.
-
-    With one pair the interval is unbounded (``±inf``).
-    """
-    if len(a) != len(b):
-        raise ValueError(f"paired_diff needs equal-length inputs, got {len(a)} and {len(b)}")
-    d = [float(x) - float(y) for x, y in zip(a, b)]
-    m, s = mean_std(d)
-    if len(d) < 2:
-        return m, -math.inf, math.inf
-    t = _T95[len(d) - 2] if len(d) - 1 <= len(_T95) else 1.96
-    half = t * s / math.sqrt(len(d))
-    return m, m - half, m + half
-
-
-def fmt_diff(a: Sequence[float], b: Sequence[float], digits: int = 2, scale: float = 1.0) -> str:
-    """``Δ [lo, hi]`` for the paired difference ``a − b`` (scaled)."""
-    m, lo, hi = paired_diff([x * scale for x in a], [y * scale for y in b])
-    return f"{m:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
-
-
-def verdict(ours: Sequence[float], baseline: Sequence[float], *, higher_is_better: bool, claim: str) -> str:
-    """One plain sentence on whether the paired difference ``ours − baseline`` supports ``claim``.
-
-    "reproduces" needs the 95% interval to exclude 0 in the claimed direction, "contradicted" needs it to
-    exclude 0 in the other direction; anything else is "not resolved at this scale".
-    """
-    m, lo, hi = paired_diff(ours, baseline)
-    better = lo > 0 if higher_is_better else hi < 0
-    worse = hi < 0 if higher_is_better else lo > 0
-    if better:
-        word = "reproduces"
-    elif worse:
-        word = "contradicted"
-    else:
-        word = "not resolved at this scale (the 95% interval contains 0)"
-    return f"{claim}: **{word}** (paired Δ {m:+.3g}, 95% CI [{lo:+.3g}, {hi:+.3g}], {len(ours)} seeds)"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -1,26 +1,22 @@
-"""What the three AC-MoE studies share: the router arms, paired initialisation, the AC statistics mode at
-evaluation, routing capture, curves, and the verdict on a paired comparison.
+"""What the three AC-MoE studies share: the router arms, paired initialisation, routing capture and curves.
 
 Every arm is the same model with another router (``ffn_kwargs`` of ``models.ffn.build_ffn``). AC arms train
-with ``stats="ema"``: training then uses the batch statistics exactly as ``stats="batch"`` does (so the run
-*is* the faithful batch-statistics run) while keeping BatchNorm-like running dispersions, which lets the
-evaluation report both modes. Evaluation uses batch statistics unless it says EMA.
+with ``stats="ema"`` in the non-causal studies: training uses the batch statistics exactly as the papers'
+``stats="batch"`` does, and evaluation (eval mode) uses the running dispersions, so no test item affects
+another. The language models use ``stats="running"`` (causal) throughout.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+import copy
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from clusterformers.moe import AdaptiveMetric, MoE, SoftMoE
-from clusterformers.report import paired_diff
+from clusterformers.moe import MoE, SoftMoE
 from clusterformers.train import TrainConfig, TrainResult, train
 
 # arm name -> MoE options (JSON-able ffn_kwargs fragment). "ac" is the LM preset, the default AC arm.
@@ -61,6 +57,15 @@ def check_arms(arms: Sequence[str]) -> None:
         raise ValueError(f"arms: 'stablemoe' (AC with M = I) must be in every table, got {list(arms)}")
 
 
+def arm_options(arm: str, stats: str | None = None) -> dict[str, Any]:
+    """The MoE options of ``arm``; ``stats`` replaces the AC statistics mode of an AC arm (e.g. ``"running"``
+    for a causal model)."""
+    options = copy.deepcopy(ARMS[arm])
+    if stats is not None and "ac" in options:
+        options["ac"]["stats"] = stats
+    return options
+
+
 def ac_arms(arms: Sequence[str]) -> list[str]:
     return [a for a in arms if a.startswith("ac")]
 
@@ -79,25 +84,6 @@ def shared_init(model: nn.Module, build: Callable[[], nn.Module], seed: int) -> 
     shared = {k: v for k, v in reference.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(shared, strict=False)
     return model
-
-
-@contextmanager
-def ac_stats(model: nn.Module, mode: str = "batch") -> Iterator[nn.Module]:
-    """Evaluate the AC layers with batch statistics (``"batch"``, the paper's setting) or with the running
-    EMA statistics (``"ema"``; needs arms trained with ``stats="ema"``). Restores the configs on exit."""
-    if mode not in ("batch", "ema"):
-        raise ValueError(f"mode: expected 'batch' or 'ema', got {mode!r}")
-    metrics = [m for m in model.modules() if isinstance(m, AdaptiveMetric)]
-    saved = [m.config for m in metrics]
-    try:
-        for m in metrics:
-            if mode == "ema" and m.config.stats != "ema":
-                raise ValueError("ac_stats(mode='ema') needs AC layers trained with stats='ema'")
-            m.config = dataclasses.replace(m.config, stats=mode)
-        yield model
-    finally:
-        for m, cfg in zip(metrics, saved, strict=True):
-            m.config = cfg
 
 
 def routing_of(model: nn.Module) -> list[Tensor]:
@@ -131,16 +117,3 @@ def fmt_steps(values: Sequence[int | None], total: int) -> str:
     mid = len(reached) // 2
     median = reached[mid] if len(reached) % 2 else (reached[mid - 1] + reached[mid]) / 2
     return f"{median:g} ({len(reached)}/{len(values)} seeds)"
-
-
-def verdict(ours: Sequence[float], base: Sequence[float], *, lower_is_better: bool) -> str:
-    """Plain words for the paired difference ``ours − base`` and its 95% t-interval."""
-    if not ours or len(ours) != len(base):
-        return "not measured"
-    m, lo, hi = paired_diff(ours, base)
-    better = m < 0 if lower_is_better else m > 0
-    if math.isfinite(lo) and (hi < 0 or lo > 0):
-        return "**holds**" if better else "**does not hold** (the opposite is significant)"
-    if m == 0:
-        return "no difference"
-    return f"not significant (direction {'favours' if better else 'goes against'} AC)"

@@ -20,17 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clusterformers.data.text import TokenCorpus, eval_windows, random_windows, word_swap
-from clusterformers.experiments.acmoe_common import (
-    ARMS,
-    ac_stats,
-    eval_curve,
-    fmt_steps,
-    shared_init,
-    steps_to_reach,
-    train_cell,
-)
+from clusterformers.experiments.acmoe_common import arm_options, eval_curve, shared_init, train_cell
 from clusterformers.models.transformer import TransformerLM, TransformerLMConfig
-from clusterformers.report import Section, fmt, fmt_diff, line_figure, markdown_table
+from clusterformers.report import Section, fmt, line_figure, markdown_table
 from clusterformers.train import TrainConfig
 
 LEVELS = ("byte", "word")
@@ -40,24 +32,25 @@ LEVELS = ("byte", "word")
 class LmStudy:
     """Sizes and budget of the language-model study, per level; every arm gets the same."""
 
-    arms: tuple[str, ...] = ("smoe", "xmoe", "stablemoe", "ac")
+    arms: tuple[str, ...] = ("stablemoe", "ac")
     levels: tuple[str, ...] = LEVELS
-    depth: int = 4
-    dim: int = 128
+    ac_stats: str = "running"  # causal: each position routes with statistics of earlier steps only
+    depth: int = 3
+    dim: int = 64
     num_heads: int = 4
     num_experts: int = 8
     k: int = 2
-    expert_hidden: int = 256
-    dropout: float = 0.1
-    byte_context: int = 128
+    expert_hidden: int = 128
+    dropout: float = 0.0
+    byte_context: int = 64
     word_context: int = 64
-    batch_size: int = 32
-    steps: int = 3000
+    batch_size: int = 16
+    steps: int = 1500
     lr: float = 1e-3
     weight_decay: float = 0.01
     eval_points: int = 20
-    curve_tokens: int = 32_768
-    eval_tokens: int | None = None
+    curve_tokens: int = 16_384
+    eval_tokens: int | None = 65_536
     eval_batch: int = 16
     max_vocab: int = 8192
     max_chars: int | None = None
@@ -72,7 +65,8 @@ def build_model(study: LmStudy, level: str, arm: str, vocab_size: int, seed: int
         cfg = TransformerLMConfig(
             vocab_size=vocab_size, context=study.context(level), dim=study.dim, depth=study.depth,
             num_heads=study.num_heads, mlp_ratio=study.expert_hidden / study.dim, dropout=study.dropout,
-            ffn="moe", ffn_kwargs={"num_experts": study.num_experts, "top_k": study.k, **ARMS[name]},
+            ffn="moe", ffn_kwargs={"num_experts": study.num_experts, "top_k": study.k,
+                                   **arm_options(name, study.ac_stats)},
         )
         return TransformerLM(cfg)
 
@@ -81,15 +75,16 @@ def build_model(study: LmStudy, level: str, arm: str, vocab_size: int, seed: int
 
 
 @torch.no_grad()
-def target_nll(model: nn.Module, tokens: Tensor, context: int, device: torch.device, bs: int) -> Tensor:
-    """Next-token NLL of every target of ``tokens[1:]`` in non-overlapping windows (batch statistics of
-    ``bs`` windows for AC); returns ``[len(tokens) - 1]`` on the CPU."""
+def window_nll(model: nn.Module, tokens: Tensor, context: int, device: torch.device, bs: int) -> Tensor:
+    """Mean next-token NLL of each full non-overlapping window of ``tokens`` (``[windows]``, CPU), with the AC
+    statistics the model is configured with (running ones: causal and batch-independent)."""
     model.eval()
     out = []
-    with ac_stats(model, "batch"):
-        for x, y in eval_windows(tokens, context, bs):
-            logits = model(x.to(device))
-            out.append(F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), reduction="none").cpu())
+    for x, y in eval_windows(tokens, context, bs):
+        if x.shape[1] < context:
+            break  # the short last window would weigh its few tokens like a full one
+        logits = model(x.to(device))
+        out.append(F.cross_entropy(logits.transpose(1, 2), y.to(device), reduction="none").mean(1).cpu())
     return torch.cat(out)
 
 
@@ -110,28 +105,30 @@ def run_cell(study: LmStudy, level: str, arm: str, seed: int, cell_dir: Path, de
         return F.cross_entropy(net(x).flatten(0, 1), y.flatten()), {}
 
     def eval_fn(net):
-        return {"val_loss": float(target_nll(net, curve_tokens, context, device, study.eval_batch).mean())}
+        return {"val_loss": float(window_nll(net, curve_tokens, context, device, study.eval_batch).mean())}
 
     every = max(1, study.steps // study.eval_points)
     tcfg = TrainConfig(steps=study.steps, lr=study.lr, weight_decay=study.weight_decay,
                        warmup_steps=max(1, study.steps // 20), schedule="cosine", log_every=every,
                        eval_every=every, ckpt_every=max(1, study.steps // 4), seed=seed, device=str(device),
                        progress=False, name=f"lm-{level}/{arm}/seed{seed}")
-    config = {"study": asdict(study), "level": level, "arm": arm, "moe": ARMS[arm], "seed": seed}
+    config = {"study": asdict(study), "level": level, "arm": arm, "moe": arm_options(arm, study.ac_stats),
+              "seed": seed}
     res = train_cell(model, loss_fn, batch_fn, tcfg, cell_dir, config, eval_fn)
     steps, curve = eval_curve(res.history, "val_loss")
     valid, test = corpus.valid, corpus.test
     if study.eval_tokens:
         valid, test = valid[: study.eval_tokens + 1], test[: study.eval_tokens + 1]
-    result = {
-        "curve_steps": steps,
-        "curve": curve,
-        "valid_loss": float(target_nll(model, valid, context, device, study.eval_batch).mean()),
-        "test_loss": float(target_nll(model, test, context, device, study.eval_batch).mean()),
-    }
+    items = {"nll": window_nll(model, test, context, device, study.eval_batch)}
     if level == "word":
         corrupted, _ = word_swap(test, corpus.vocab, study.swap_fraction, seed=0)
-        result["swap_loss"] = float(target_nll(model, corrupted, context, device, study.eval_batch).mean())
+        items["swap_excess_nll"] = window_nll(model, corrupted, context, device, study.eval_batch) - items["nll"]
+    result = {"curve_steps": steps, "curve": curve,
+              "valid_loss": float(window_nll(model, valid, context, device, study.eval_batch).mean()),
+              "test_loss": float(items["nll"].mean()), **{k: float(v.mean()) for k, v in items.items()},
+              "items": {k: v.double().tolist() for k, v in items.items()}}
+    if level == "word":
+        result["swap_loss"] = result["test_loss"] + result["swap_excess_nll"]
     return result
 
 
@@ -139,22 +136,18 @@ def _metric(level: str, loss: float) -> float:
     return loss / math.log(2) if level == "byte" else math.exp(loss)
 
 
-def _diff(level: str, key: str, ours: list[dict], theirs: list[dict], digits: int) -> str:
-    return fmt_diff([_metric(level, r[key]) for r in ours], [_metric(level, r[key]) for r in theirs], digits)
-
-
-def section(study: LmStudy, level: str, cells: dict[str, list[dict]], corpus_info: str, out: Path) -> Section:
+def section(study: LmStudy, level: str, cells: dict[str, dict[int, dict]], corpus_info: str, out: Path) -> Section:
+    """Tables and the validation curves of one level (``cells``: ``{arm: {seed: result}}``)."""
     arms = list(cells)
     unit = "BPC" if level == "byte" else "PPL"
     digits = 3 if level == "byte" else 1
-    n_seeds = len(cells[arms[0]])
-    header = ["arm", f"valid {unit}", f"test {unit}"]
+    header = ["arm", "seeds", f"valid {unit}", f"test {unit}"]
     if level == "word":
         header.append(f"test PPL, {study.swap_fraction * 100:g}% word swap")
     rows = []
     for a in arms:
-        rs = cells[a]
-        row = [a, fmt([_metric(level, r["valid_loss"]) for r in rs], digits),
+        rs = list(cells[a].values())
+        row = [a, len(rs), fmt([_metric(level, r["valid_loss"]) for r in rs], digits),
                fmt([_metric(level, r["test_loss"]) for r in rs], digits)]
         if level == "word":
             row.append(fmt([_metric(level, r["swap_loss"]) for r in rs], digits))
@@ -163,42 +156,21 @@ def section(study: LmStudy, level: str, cells: dict[str, list[dict]], corpus_inf
             if level == "byte" else f"perplexity, vocabulary top-{study.max_vocab} words + `<unk>`, `<eos>`")
     md = [f"{level.capitalize()}-level causal MoE LM: {study.depth} layers, d={study.dim}, {study.num_heads} heads, "
           f"every FFN an MoE (E={study.num_experts}, k={study.k}, experts d→{study.expert_hidden}→d; AC from the "
-          f"2nd MoE layer), context {study.context(level)}, batch {study.batch_size}, {study.steps} AdamW steps "
-          f"(lr {study.lr:g}, cosine); {corpus_info}. Metric: {what}. Mean ± std over {n_seeds} paired seeds; "
-          f"batch statistics at evaluation ({study.eval_batch} windows per batch).\n",
+          f"2nd MoE layer with `stats={study.ac_stats!r}`, so routing is causal and batch-independent), context "
+          f"{study.context(level)}, batch {study.batch_size}, {study.steps} AdamW steps (lr {study.lr:g}, cosine); "
+          f"{corpus_info}. Metric: {what}; items of the intervals are test windows.\n",
           markdown_table(header, rows), ""]
     if level == "word":
         md += [f"Word swap: {study.swap_fraction * 100:g}% of the test split's content words (not stop words, "
                "punctuation or `<eos>`; fixed seed, the same for every model) become `<unk>`. `<unk>` is a frequent "
                "training token, so the swapped text can score a lower perplexity than the clean one: compare arms "
                "within the column.\n"]
-    reach: dict[str, dict[str, list[int | None]]] = {}
-    for a in (x for x in arms if x.startswith("ac")):
-        reach[a] = {}
-        for base in (b for b in arms if not b.startswith("ac")):
-            reach[a][base] = [steps_to_reach(r["curve_steps"], r["curve"], b["curve"][-1])
-                              for r, b in zip(cells[a], cells[base], strict=True)]
-    if reach:
-        md.append(f"**Convergence**: the step at which AC's validation loss (evaluated every "
-                  f"{study.steps // study.eval_points} steps on {study.curve_tokens:,} validation tokens) first "
-                  "reaches each baseline's final validation loss, per seed (median over the seeds that do):\n")
-        md.append(markdown_table(["AC arm", *[f"to {b}'s final" for b in reach[next(iter(reach))]]],
-                                 [[a, *[fmt_steps(v, study.steps) for v in per.values()]] for a, per in reach.items()]))
-        md.append("")
-        md.append(f"**Paired differences** ({unit}), 95% t-intervals:\n")
-        for a in reach:
-            for base in ("stablemoe", "smoe"):
-                if base not in cells:
-                    continue
-                line = f"- {a} − {base}: test {_diff(level, 'test_loss', cells[a], cells[base], digits + 1)}"
-                if level == "word":
-                    line += f"; word swap {_diff(level, 'swap_loss', cells[a], cells[base], digits + 1)}"
-                md.append(line)
     path = out / "figures" / f"acmoe_lm_{level}_curves.png"
     scale = 1 / math.log(2) if level == "byte" else 1.0
-    line_figure(path, cells[arms[0]][0]["curve_steps"],
-                {a: [[v * scale for v in r["curve"]] for r in cells[a]] for a in arms}, xlabel="step",
+    first = next(iter(cells[arms[0]].values()))
+    line_figure(path, first["curve_steps"],
+                {a: [[v * scale for v in r["curve"]] for r in cells[a].values()] for a in arms}, xlabel="step",
                 ylabel="validation bits/char" if level == "byte" else "validation loss (nats/token)",
                 title=f"{level}-level MoE LM: validation curves")
     return Section(f"AC-MoE — {level}-level MoE LM on the Wikipedia sample", "\n".join(md) + "\n",
-                   [str(path.relative_to(out))], {"cells": cells, "steps_to_baseline_final": reach})
+                   [str(path.relative_to(out))], {})

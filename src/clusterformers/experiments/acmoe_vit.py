@@ -2,7 +2,7 @@
 
 A 4-block ViT (patch 7, d=64) whose blocks 2-4 (1-based) are MoE layers (E=8, k=2); an AC router is
 adaptive in blocks 3-4 (the first MoE layer has no previous routing state). Clean accuracy, Gaussian noise,
-FGSM and PGD (L∞, pixel space, true labels), the routing flip rate under noise, test accuracy along
+PGD (L∞, pixel space, true labels), the routing flip rate under noise, test accuracy along
 training, and a picture of which expert each image patch goes to at the last MoE layer. Attacks differentiate
 the model as it runs: the AC metric is computed without gradient (as in the reference), so the attack sees M
 as a constant.
@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from clusterformers.data.augment import random_translate
 from clusterformers.data.images import mnist5k_split
 from clusterformers.experiments.acmoe_common import (
     ARMS,
     ac_arms,
-    ac_stats,
     eval_curve,
     moe_layers,
     routing_of,
@@ -33,8 +33,8 @@ from clusterformers.experiments.acmoe_common import (
 from clusterformers.experiments.common import batches, epoch_batch_fn
 from clusterformers.metrics import flip_rate
 from clusterformers.models.vit import ViT, ViTConfig
-from clusterformers.report import Section, fmt, fmt_diff, line_figure, markdown_table
-from clusterformers.robust.attacks import fgsm, pgd, robust_accuracy
+from clusterformers.report import Section, fmt, line_figure, markdown_table
+from clusterformers.robust.attacks import correct_mask, pgd
 from clusterformers.robust.corruptions import gaussian_noise
 from clusterformers.train import TrainConfig
 
@@ -46,7 +46,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 class VitStudy:
     """Sizes and budget of the ViT-MoE study; every arm gets the same."""
 
-    arms: tuple[str, ...] = ("smoe", "xmoe", "stablemoe", "ac", "ac-swin")
+    arms: tuple[str, ...] = ("stablemoe", "ac")
     patch_size: int = 7
     dim: int = 64
     depth: int = 4
@@ -56,13 +56,14 @@ class VitStudy:
     k: int = 2
     moe_layers: tuple[int, ...] = (1, 2, 3)
     epochs: int = 30
+    shift: int = 2  # random translation of up to this many pixels (training only)
     batch_size: int = 128
     lr: float = 1e-3
     warmup_epochs: float = 1.0
     eval_images: int = 1000
     eval_batch: int = 500
     noise_sigmas: tuple[float, ...] = (0.1, 0.2, 0.3)
-    attack_eps: tuple[int, ...] = (2, 4, 8)  # in 1/255
+    attack_eps: tuple[int, ...] = (1, 2, 4, 8)  # in 1/255
     pgd_steps: int = 20
     pgd_step_frac: float = 0.15
     picture_digits: int = 6
@@ -114,22 +115,24 @@ def picture_index(y: Tensor, digits: int, within: int) -> list[int]:
 
 def run_cell(study: VitStudy, arm: str, seed: int, cell_dir: Path, device: torch.device,
              data_path: str | None) -> dict:
-    """Train one (arm, seed) ViT-MoE and evaluate it; returns a JSON-able dict."""
+    """Train one (arm, seed) ViT-MoE and evaluate it with its configured AC statistics (running ones in
+    eval mode); scalar accuracies, and one 0/1 per test image under ``items``."""
     x_tr, y_tr, x_te, y_te = load_data(data_path, study.eval_images)
     model = build_model(study, arm, seed)
-    batch_fn, spe = epoch_batch_fn((x_tr, y_tr), study.batch_size, seed)
+    base, spe = epoch_batch_fn((x_tr, y_tr), study.batch_size, seed)
+
+    def batch_fn(step: int, rank: int = 0, world: int = 1) -> tuple[Tensor, Tensor]:
+        xb, yb = base(step, rank, world)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + step * 7919 + rank)
+        return random_translate(xb, study.shift, gen), yb
 
     def loss_fn(net, batch):
         xb, yb = batch
         logits = net(xb)
-        return F.cross_entropy(logits, yb), {"acc": (logits.argmax(-1) == yb).float().mean().item()}
-
-    def acc(pred: Tensor) -> float:
-        return float((pred == y_te).float().mean())
+        return F.cross_entropy(logits, yb), {"acc": (logits.argmax(-1) == yb).float().mean()}
 
     def eval_fn(net):
-        with ac_stats(net, "batch"):
-            return {"test_acc": acc(predict(net, x_te, study.eval_batch, device)[0])}
+        return {"test_acc": float((predict(net, x_te, study.eval_batch, device)[0] == y_te).float().mean())}
 
     tcfg = TrainConfig(steps=study.epochs * spe, lr=study.lr, optimizer="adam",
                        warmup_steps=min(study.epochs * spe, round(study.warmup_epochs * spe)),
@@ -138,33 +141,25 @@ def run_cell(study: VitStudy, arm: str, seed: int, cell_dir: Path, device: torch
     config = {"study": asdict(study), "arm": arm, "moe": ARMS[arm], "seed": seed}
     res = train_cell(model, loss_fn, batch_fn, tcfg, cell_dir, config, eval_fn)
     steps, curve = eval_curve(res.history, "test_acc")
-    result: dict = {"curve_epochs": [s // spe for s in steps], "curve": curve}
-    with ac_stats(model, "batch"):
-        pred, routes = predict(model, x_te, study.eval_batch, device)
-        result["clean"] = acc(pred)
-        idx = picture_index(y_te, study.picture_digits, study.eval_batch)
-        result["picture"] = {"index": idx, "experts": routes[-1][idx, 1:, 0].tolist()}
-        result["noise"], result["flip_top1"], result["flip_topk"] = {}, {}, {}
-        for i, sigma in enumerate(study.noise_sigmas):
-            noisy = gaussian_noise(x_te, sigma, generator=torch.Generator().manual_seed(1234 + i))
-            pred_n, routes_n = predict(model, noisy, study.eval_batch, device)
-            flips = flip_rate(routes[-1].flatten(0, 1), routes_n[-1].flatten(0, 1))
-            result["noise"][str(sigma)] = acc(pred_n)
-            result["flip_top1"][str(sigma)], result["flip_topk"][str(sigma)] = flips
-        result["fgsm"] = {str(e): robust_accuracy(model, (x_te, y_te), fgsm, batch_size=study.eval_batch,
-                                                  device=device, eps=e / 255)
-                          for e in study.attack_eps}
-        result["pgd"] = {
-            str(e): robust_accuracy(model, (x_te, y_te), pgd, batch_size=study.eval_batch, device=device, eps=e / 255,
-                                    steps=study.pgd_steps, step_size=study.pgd_step_frac * e / 255,
-                                    generator=torch.Generator(device=device).manual_seed(seed))
-            for e in study.attack_eps
-        }
-    if arm in ac_arms(study.arms):
-        with ac_stats(model, "ema"):
-            result["clean_ema"] = acc(predict(model, x_te, study.eval_batch, device)[0])
-    result["num_moe_layers"] = len(moe_layers(model))
-    return result
+    pred, routes = predict(model, x_te, study.eval_batch, device)
+    items = {"clean": pred == y_te}
+    idx = picture_index(y_te, study.picture_digits, study.eval_batch)
+    flips: dict[str, list[float]] = {}
+    for i, sigma in enumerate(study.noise_sigmas):
+        noisy = gaussian_noise(x_te, sigma, generator=torch.Generator().manual_seed(1234 + i))
+        pred_n, routes_n = predict(model, noisy, study.eval_batch, device)
+        items[f"noise{sigma:g}"] = pred_n == y_te
+        flips[f"{sigma:g}"] = list(flip_rate(routes[-1].flatten(0, 1), routes_n[-1].flatten(0, 1)))
+    for e in study.attack_eps:
+        items[f"pgd_e{e}"] = correct_mask(model, (x_te, y_te), pgd, batch_size=study.eval_batch, device=device,
+                                          eps=e / 255, steps=study.pgd_steps, step_size=study.pgd_step_frac * e / 255,
+                                          generator=torch.Generator(device=device).manual_seed(seed))
+    items["pgd_mean"] = torch.stack([items[f"pgd_e{e}"] for e in study.attack_eps]).double().mean(0)
+    return {**{k: float(v.double().mean()) for k, v in items.items()},
+            "curve_epochs": [s // spe for s in steps], "curve": curve, "flip": flips,
+            "picture": {"index": idx, "experts": routes[-1][idx, 1:, 0].tolist()},
+            "num_moe_layers": len(moe_layers(model)),
+            "items": {k: v.double().tolist() for k, v in items.items()}}
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -200,61 +195,47 @@ def assignment_figure(path: Path, images: np.ndarray, experts: dict[str, list[li
     plt.close(fig)
 
 
-def section(study: VitStudy, cells: dict[str, list[dict]], out: Path, data_path: str | None) -> Section:
+def section(study: VitStudy, cells: dict[str, dict[int, dict]], out: Path, data_path: str | None) -> Section:
+    """Tables and figures of the ViT-MoE study (``cells``: ``{arm: {seed: result}}``)."""
     arms = list(cells)
-    n_seeds = len(cells[arms[0]])
-    mid = str(study.noise_sigmas[len(study.noise_sigmas) // 2])
-    header = ["arm", "clean acc %", *[f"noise σ={s}" for s in study.noise_sigmas], f"flip top-1 (σ={mid})",
-              f"flip top-k (σ={mid})", "clean acc %, EMA stats"]
-    rows = [[a, fmt([r["clean"] for r in cells[a]], 2, 100),
-             *[fmt([r["noise"][str(s)] for r in cells[a]], 1, 100) for s in study.noise_sigmas],
-             fmt([r["flip_top1"][mid] for r in cells[a]], 3), fmt([r["flip_topk"][mid] for r in cells[a]], 3),
-             fmt([r["clean_ema"] for r in cells[a]], 2, 100) if "clean_ema" in cells[a][0] else "–"]
-            for a in arms]
+    mid = f"{study.noise_sigmas[len(study.noise_sigmas) // 2]:g}"
+    header = ["arm", "seeds", "clean acc %", *[f"noise σ={s:g}" for s in study.noise_sigmas],
+              *[f"PGD ε={e}/255" for e in study.attack_eps], f"flip top-1 (σ={mid})"]
+    rows = [[a, len(rs), fmt([r["clean"] for r in rs], 2, 100),
+             *[fmt([r[f"noise{s:g}"] for r in rs], 1, 100) for s in study.noise_sigmas],
+             *[fmt([r[f"pgd_e{e}"] for r in rs], 1, 100) for e in study.attack_eps],
+             fmt([r["flip"][mid][0] for r in rs], 3)]
+            for a, rs in ((a, list(cells[a].values())) for a in arms)]
     layers = ", ".join(str(i + 1) for i in study.moe_layers)
     md = [f"ViT (patch {study.patch_size}, d={study.dim}, {study.depth} blocks, {study.num_heads} heads) with MoE "
           f"(E={study.num_experts}, k={study.k}, experts d→{int(study.dim * study.mlp_ratio)}→d) in blocks {layers}"
-          f" (1-based); AC arms adapt from the second MoE layer on. Adam {study.lr:g} (cosine, "
-          f"{study.warmup_epochs:g} warm-up epochs), batch {study.batch_size}, "
-          f"{study.epochs} epochs on 4,000 MNIST-5k images; {study.eval_images} test images (a fixed shuffle of the "
-          f"label-sorted test split), eval batch "
-          f"{study.eval_batch} (batch statistics); mean ± std over {n_seeds} paired seeds. Flip: share of tokens "
-          "whose last-MoE-layer routing changes under the noise.\n", markdown_table(header, rows), ""]
-    for attack, what in (("fgsm", "FGSM"), ("pgd", f"PGD ({study.pgd_steps} steps of {study.pgd_step_frac:g}·ε)")):
-        md += [f"**{what}**, accuracy %, L∞ in pixel space, AC metric held constant by the attack:\n",
-               markdown_table(["arm", *[f"ε={e}/255" for e in study.attack_eps]],
-                              [[a, *[fmt([r[attack][str(e)] for r in cells[a]], 1, 100) for e in study.attack_eps]]
-                               for a in arms]), ""]
-    e_mid = str(study.attack_eps[len(study.attack_eps) // 2])
-    hi = str(study.noise_sigmas[-1])
-    md.append("**Paired differences** (accuracy points), 95% t-intervals:\n")
-    picks = [("clean", lambda r: r["clean"]), (f"noise σ={hi}", lambda r: r["noise"][hi]),
-             (f"FGSM ε={e_mid}/255", lambda r: r["fgsm"][e_mid]), (f"PGD ε={e_mid}/255", lambda r: r["pgd"][e_mid])]
-    for a in ac_arms(arms):
-        for base in (b for b in ("stablemoe", "smoe") if b in cells):
-            diffs = [f"{label} {fmt_diff([get(r) for r in cells[a]], [get(r) for r in cells[base]], 2, 100)}"
-                     for label, get in picks]
-            md.append(f"- {a} − {base}: " + "; ".join(diffs))
+          f" (1-based); AC arms adapt from the second MoE layer on and evaluate with their running statistics. "
+          f"Adam {study.lr:g} (cosine, {study.warmup_epochs:g} warm-up epochs), random shifts of up to "
+          f"{study.shift} px, batch {study.batch_size}, {study.epochs} epochs on 4,000 MNIST-5k images; "
+          f"{study.eval_images} test images; PGD-{study.pgd_steps} (steps of {study.pgd_step_frac:g}·ε, L∞, pixel "
+          "space, the AC metric held constant by the attack). Flip: share of tokens whose last-MoE-layer routing "
+          "changes under the noise.\n", markdown_table(header, rows), ""]
+    first = next(iter(cells[arms[0]].values()))
     figs = []
     path = out / "figures" / "acmoe_vit_curves.png"
-    line_figure(path, cells[arms[0]][0]["curve_epochs"], {a: [[v * 100 for v in r["curve"]] for r in cells[a]]
-                                                          for a in arms},
+    line_figure(path, first["curve_epochs"], {a: [[v * 100 for v in r["curve"]] for r in cells[a].values()]
+                                              for a in arms},
                 xlabel="epoch", ylabel="test accuracy %", title="ViT-MoE on MNIST-5k: convergence")
     figs.append(path)
     path = out / "figures" / "acmoe_vit_pgd.png"
-    line_figure(path, list(study.attack_eps), {a: [[r["pgd"][str(e)] * 100 for e in study.attack_eps]
-                                                   for r in cells[a]] for a in arms},
+    line_figure(path, list(study.attack_eps), {a: [[r[f"pgd_e{e}"] * 100 for e in study.attack_eps]
+                                                   for r in cells[a].values()] for a in arms},
                 xlabel="ε (1/255)", ylabel="accuracy %", title="ViT-MoE under PGD")
     figs.append(path)
     shown = [a for a in ("stablemoe", "smoe", *ac_arms(arms)) if a in cells]
     _, _, x_te, _ = load_data(data_path, study.eval_images)
-    index = cells[shown[0]][0]["picture"]["index"]
+    index = first["picture"]["index"]
     images = (x_te[index, 0] * 255).round().to(torch.uint8).numpy()
     path = out / "figures" / "acmoe_vit_experts.png"
-    assignment_figure(path, images, {a: cells[a][0]["picture"]["experts"] for a in shown}, study.patch_size,
-                      study.num_experts)
+    assignment_figure(path, images, {a: next(iter(cells[a].values()))["picture"]["experts"] for a in shown},
+                      study.patch_size, study.num_experts)
     figs.append(path)
-    md.append("\nThe expert-assignment picture shows, for the first test image of each digit, the top-1 expert of "
+    md.append("The expert-assignment picture shows, for the first test image of each digit, the top-1 expert of "
               "every patch token at the last MoE layer (expert numbers are arbitrary per model).")
     return Section("AC-MoE — ViT-MoE on MNIST-5k", "\n".join(md) + "\n", [str(p.relative_to(out)) for p in figs],
-                   {"cells": cells})
+                   {})

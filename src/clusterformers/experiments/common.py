@@ -1,33 +1,14 @@
-"""Helpers every experiment shares: cached per-(variant, seed) results, epoch batching, evaluation batching."""
+"""Helpers every experiment shares: epoch batching and evaluation batching."""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 log = logging.getLogger(__name__)
-
-
-def cached(path: Path, compute: Callable[[], dict]) -> dict:
-    """Return the JSON result at ``path`` if a finished run left one, else compute it and write it atomically.
-
-    This is what makes ``reproduce`` resumable: a killed study reruns only the unfinished (variant, seed) cells.
-    """
-    if path.exists():
-        log.info("reusing %s", path)
-        return json.loads(path.read_text())
-    result = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, path)
-    return result
 
 
 def epoch_batch_fn(
