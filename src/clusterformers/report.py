@@ -97,3 +97,29 @@ def write_report(out_dir: Path, sections: Sequence[Section], *, header: str) -> 
     path.write_text("\n".join(parts))
     (out_dir / "results.json").write_text(json.dumps({s.title: s.results for s in sections}, indent=1))
     return path
+
+
+def section_verdicts(sections: Sequence[Section]) -> list[dict]:
+    """Every verdict (``experiments.claims.verdict_json`` rows) the sections carry."""
+    return [v for sec in sections for v in sec.results.get("verdicts", [])]
+
+
+def beside_committed(paper: str, sections: Sequence[Section], committed: Path) -> Section | None:
+    """A smoke run's effects beside the committed powered run's (``committed/<paper>/results.json``), claim by
+    claim; ``None`` when nothing is committed for ``paper``."""
+    path = Path(committed) / paper / "results.json"
+    if not path.exists():
+        return None
+    powered = {v["claim"]: v for v in section_verdicts([Section("", "", [], r) for r in
+                                                          json.loads(path.read_text()).values()])}
+    rows = []
+    for v in section_verdicts(sections):
+        p = powered.get(v["claim"])
+        theirs = (f"{p['mean']:+.3g} [{p['lo']:+.3g}, {p['hi']:+.3g}] ({p['seeds']} seeds)", f"**{p['verdict']}**"
+                  if p["verdict"] != "not resolved" else p["verdict"]) if p else ("–", "not in the committed run")
+        rows.append([v["text"], "confirmatory" if v["confirmatory"] else "exploratory",
+                     f"{v['mean']:+.3g} ({v['seeds']} seeds)", *theirs])
+    md = (f"This smoke run decides no claim. Its effects sit beside those of the committed powered run "
+          f"(`results/{paper}/report.md` in the repository), whose verdicts are the evidence:\n\n"
+          + markdown_table(["claim", "kind", "smoke run Δ", "powered run Δ [95% CI]", "powered verdict"], rows))
+    return Section(f"{paper}: smoke run beside the committed results", md, [], {})
