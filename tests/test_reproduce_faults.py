@@ -1,0 +1,58 @@
+"""Fault tests of ``reproduce``: a study killed at random points and rerun ends with the report of an
+uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _without_timing(obj):
+    """``results.json`` minus wall-clock fields (the only thing a rerun may change)."""
+    if isinstance(obj, dict):
+        return {k: _without_timing(v) for k, v in obj.items() if not k.endswith("wall_s")}
+    if isinstance(obj, list):
+        return [_without_timing(v) for v in obj]
+    return obj
+
+
+def test_reproduce_killed_at_random_points_gives_the_same_report(tmp_path: Path) -> None:
+    """SIGKILL the study (and with it its worker processes) at random points, rerun until it finishes: the
+    report and the results equal an uninterrupted run's, and no temporary or lock file is left behind."""
+    worker = Path(__file__).parent / "reproduce_worker.py"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+
+    def start(out: Path) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(worker), str(out)], env=env, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    clean = tmp_path / "clean"
+    began = time.time()
+    assert start(clean).wait(timeout=300) == 0
+    total = time.time() - began
+    killed = tmp_path / "killed"
+    rng = random.Random(0)
+    kills = 0
+    for _ in range(12):
+        proc = start(killed)
+        try:
+            proc.wait(timeout=rng.uniform(0.3, 0.8) * total)
+            break
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            kills += 1
+    else:
+        assert start(killed).wait(timeout=300) == 0
+    assert kills >= 2, "the study finished before it could be killed twice; the test checks nothing"
+    assert (killed / "report.md").read_text() == (clean / "report.md").read_text()
+    assert _without_timing(json.loads((killed / "results.json").read_text())) == _without_timing(
+        json.loads((clean / "results.json").read_text()))
+    leftovers = [p for p in killed.rglob("*") if p.name.endswith(".tmp") or p.name == ".lock"]
+    assert leftovers == []
