@@ -237,3 +237,100 @@ def test_run_directories_with_spaces_and_non_ascii_names_and_a_file_in_the_way(t
     with pytest.raises(ValueError, match="is a file, not a directory"):
         _tiny_lm_run(in_the_way, steps=1)
     assert in_the_way.read_text() == "not a directory"
+
+
+def test_fair_info_nce_names_sensitive_when_its_discretizer_refuses_it() -> None:
+    """The discretizer's own message named its argument ``x``, which the user never passed."""
+    from clusterformers import FairInfoNCELoss
+    from clusterformers.contrastive import KMeansDiscretizer
+
+    g = torch.Generator().manual_seed(6)
+    z1, z2 = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    fitted = KMeansDiscretizer(3).fit(torch.rand(30, 3, generator=g))
+    with pytest.raises(ValueError, match=r"sensitive \(float, shape \[6, 2\]\) was refused by the discretizer "
+                                         r"KMeansDiscretizer: x must have s = 3 columns"):
+        FairInfoNCELoss(discretizer=fitted)(z1, z2, torch.rand(6, 2, generator=g))
+    with pytest.raises(ValueError, match="sensitive .* refused .* is not fitted"):
+        FairInfoNCELoss(discretizer=KMeansDiscretizer(3))(z1, z2, torch.rand(6, 3, generator=g))
+    with pytest.raises(TypeError, match=r"discretizer must map sensitive to integer groups \[b\] = \[6\], got "
+                                        r"torch.float32 \[6\]"):
+        FairInfoNCELoss(discretizer=lambda s: s[:, 0])(z1, z2, torch.rand(6, 3, generator=g))
+    assert torch.isfinite(FairInfoNCELoss(discretizer=fitted)(z1, z2, torch.rand(6, 3, generator=g)))
+
+
+def test_sparse_fare_buckets_that_are_not_an_integer_tensor_are_named() -> None:
+    """A list once crashed with AttributeError and complex ids with torch's '"lt_cpu" not implemented'."""
+    g = torch.Generator().manual_seed(7)
+    z1, z2, s = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g), torch.rand(6, 3, generator=g)
+    ids = torch.tensor([0, 0, 1, 1, 2, 2])
+    for impl in ("sorted", "dense"):
+        loss_fn = SparseFARELoss(3, impl=impl)
+        with pytest.raises(TypeError, match=r"buckets must be a torch.Tensor of integers \[b\] = \[6\], got list"):
+            loss_fn(z1, z2, s, buckets=ids.tolist())
+        for dtype in (torch.complex64, torch.float64):
+            with pytest.raises(ValueError, match=f"buckets must be non-negative integers .* got dtype {dtype}"):
+                loss_fn(z1, z2, s, buckets=ids.to(dtype))
+        assert torch.isfinite(loss_fn(z1, z2, s, buckets=ids))
+
+
+def test_damaged_or_out_of_range_user_files_are_refused_with_their_path(tmp_path) -> None:
+    """Each of these once ended in a raw parser error without the path, or in silently wrong labels."""
+    import bz2
+    import gzip
+
+    import numpy as np
+
+    from clusterformers.data import build_corpus, load_mnist5k, load_npz
+    from clusterformers.data.text import load_documents
+
+    def refused(load, path, match: str) -> None:
+        with pytest.raises(ValueError, match=match) as err:
+            load(path)
+        assert str(path) in str(err.value)
+
+    images, labels = np.zeros((2, 3, 3), np.uint8), np.array([0, 1])
+    npy = tmp_path / "array.npz"
+    with npy.open("wb") as handle:
+        np.save(handle, images)  # a .npy under a .npz name: np.load gives an array, not an archive
+    refused(load_npz, npy, "not a readable .npz.*a .npy file")
+    for name, bad in [("inf", np.array([0.0, np.inf])), ("huge", np.array([0.0, 1e30])),
+                      ("uint64", np.array([0, 2**64 - 1], dtype=np.uint64))]:  # were cast to garbage int64
+        np.savez(tmp_path / f"{name}.npz", images=images, labels=bad)
+        refused(load_npz, tmp_path / f"{name}.npz", "labels must be non-negative integers below 2\\*\\*63")
+    np.savez(tmp_path / "td.npz", images=images.astype("timedelta64[s]"), labels=labels)  # was read as pixels
+    refused(load_npz, tmp_path / "td.npz", "images must be numbers, got dtype timedelta64")
+    np.savez(tmp_path / "td_labels.npz", images=images, labels=labels.astype("timedelta64[s]"))  # was a TypeError
+    refused(load_npz, tmp_path / "td_labels.npz", "labels must be numbers")
+
+    row = ",".join(["0"] * 784)
+    (tmp_path / "inf.csv").write_text(f"{row},inf\n")  # the label became -2**63
+    refused(load_mnist5k, tmp_path / "inf.csv", "labels below 2\\*\\*63, got range inf..inf")
+    (tmp_path / "plain.csv.gz").write_text(f"{row},3\n")  # BadGzipFile
+    refused(load_mnist5k, tmp_path / "plain.csv.gz", "cannot be read .*BadGzipFile")
+    (tmp_path / "cut.csv.gz").write_bytes(gzip.compress(f"{row},3\n".encode())[:-12])  # EOFError
+    refused(load_mnist5k, tmp_path / "cut.csv.gz", "cannot be read .*EOFError")
+    (tmp_path / "empty.csv").write_bytes(b"")  # was "expected 785 columns, got 1"
+    refused(load_mnist5k, tmp_path / "empty.csv", "holds no rows")
+
+    (tmp_path / "broken.txt.gz").write_bytes(b"\x1f\x8b\x08\x00" + b"\x07" * 9)  # zlib.error
+    refused(lambda p: build_corpus("byte", path=p), tmp_path / "broken.txt.gz", "cannot be read .*error")
+    (tmp_path / "cut.xml").write_text("<mediawiki><page><title>A</title>")  # xml ParseError
+    refused(load_documents, tmp_path / "cut.xml", "not a well-formed MediaWiki XML dump")
+    (tmp_path / "plain.xml.bz2").write_text("<mediawiki/>")  # OSError: Invalid data stream
+    refused(load_documents, tmp_path / "plain.xml.bz2", "cannot be read .*OSError")
+    good = tmp_path / "good.xml.bz2"
+    good.write_bytes(bz2.compress(b"<mediawiki><page><title>A</title><revision><text>Some words.</text></revision>"
+                                  b"</page></mediawiki>"))
+    assert load_documents(good) == ["Some words."]
+
+
+def test_build_corpus_reads_a_rewritten_file_again(tmp_path) -> None:
+    """The corpus cache was keyed on the path alone: a rewritten file gave the old corpus."""
+    from clusterformers.data import build_corpus
+
+    path = tmp_path / "mine.txt"
+    path.write_text("alpha beta gamma " * 50)
+    assert build_corpus("byte", path=path).train[:5].tolist() == list(b"alpha")
+    path.write_text("delta epsilon " * 80)
+    assert build_corpus("byte", path=path).train[:5].tolist() == list(b"delta")
+

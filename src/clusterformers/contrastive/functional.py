@@ -128,7 +128,16 @@ def fair_info_nce(
                 f"fair_info_nce got a float sensitive of shape {list(sens.shape)} and no discretizer; pass "
                 "integer groups or discretizer=KMeansDiscretizer(k).fit(train_attributes) (no batch-dependent rule)"
             )
-        groups = discretizer(sens)
+        try:
+            groups = discretizer(sens)
+        except (ValueError, TypeError) as err:
+            raise type(err)(
+                f"sensitive (float, shape {list(sens.shape)}) was refused by the discretizer "
+                f"{type(discretizer).__name__}: {err}"
+            ) from err
+        if not isinstance(groups, Tensor) or groups.shape != (b,) or groups.is_floating_point() or groups.is_complex():
+            got = f"{groups.dtype} {list(groups.shape)}" if isinstance(groups, Tensor) else type(groups).__name__
+            raise TypeError(f"the discretizer must map sensitive to integer groups [b] = [{b}], got {got}")
     else:
         groups = sens
     same = groups[:, None] == groups[None, :]
@@ -379,8 +388,12 @@ def sparse_fare(
     given = buckets if buckets is not None else groups
     n_b: int | None = None
     if given is not None:
-        if given.shape != (b,) or given.is_floating_point() or (check_inputs and bool((given < 0).any())):
-            raise ValueError(f"buckets must be non-negative integers [b] = [{b}], got {list(given.shape)}")
+        if not isinstance(given, Tensor):
+            raise TypeError(f"buckets must be a torch.Tensor of integers [b] = [{b}], got {type(given).__name__}")
+        if given.is_floating_point() or given.is_complex():
+            raise ValueError(f"buckets must be non-negative integers [b] = [{b}], got dtype {given.dtype}")
+        if given.shape != (b,) or (check_inputs and bool((given < 0).any())):
+            raise ValueError(f"buckets must be non-negative integers [b] = [{b}], got shape {list(given.shape)}")
         if neighbours:
             raise ValueError(f"neighbours must be 0 with given buckets or integer groups, got {neighbours}")
         bucket_r, probe_r = given.to(z1.device).long()[None], given.to(z1.device).long()[None, :, None]

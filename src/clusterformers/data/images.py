@@ -11,6 +11,7 @@ import functools
 import gzip
 import logging
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,10 @@ def _parse_mnist_csv(path: str, mtime_ns: int, size: int) -> tuple[np.ndarray, n
             table = np.loadtxt(handle, delimiter=",", dtype=np.float64, ndmin=2)
     except ValueError as err:
         raise ValueError(f"could not parse {path!r} as a numeric CSV without header: {err}") from err
+    except (OSError, EOFError, zlib.error) as err:
+        raise ValueError(f"{path!r} cannot be read ({type(err).__name__}: {err}); is it a (gzipped) CSV?") from err
+    if table.size == 0:
+        raise ValueError(f"{path!r} holds no rows; expected {_MNIST_COLUMNS} columns per row (784 pixels, the label)")
     if table.shape[1] != _MNIST_COLUMNS:
         raise ValueError(
             f"{path!r}: expected {_MNIST_COLUMNS} columns (784 pixels 0..255, then the label), "
@@ -40,8 +45,13 @@ def _parse_mnist_csv(path: str, mtime_ns: int, size: int) -> tuple[np.ndarray, n
     pixels, labels = table[:, :-1], table[:, -1]
     if pixels.min() < 0 or pixels.max() > 255 or not np.array_equal(pixels, np.round(pixels)):
         raise ValueError(f"{path!r}: pixels must be integers in 0..255, got range {pixels.min()}..{pixels.max()}")
-    if labels.min() < 0 or not np.array_equal(labels, np.round(labels)):
-        raise ValueError(f"{path!r}: the last column must hold non-negative integer labels")
+    if not np.isfinite(labels).all() or labels.min() < 0 or labels.max() >= 2**63 or not np.array_equal(
+        labels, np.round(labels)
+    ):
+        raise ValueError(
+            f"{path!r}: the last column must hold non-negative integer labels below 2**63, "
+            f"got range {labels.min()}..{labels.max()}"
+        )
     images = pixels.astype(np.uint8).reshape(-1, _MNIST_SIDE, _MNIST_SIDE)
     images.flags.writeable = False
     labels_int = labels.astype(np.int64)
@@ -170,6 +180,14 @@ def _to_uint8_images(images: np.ndarray, where: str) -> np.ndarray:
     return values.astype(np.uint8)
 
 
+def _open_npz(path: Path) -> np.lib.npyio.NpzFile:
+    """``np.load`` of an archive; a lone array (a ``.npy`` under a ``.npz`` name) is refused (ValueError)."""
+    loaded = np.load(path, allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError(f"it holds a single {type(loaded).__name__} (a .npy file?), not an archive of named arrays")
+    return loaded
+
+
 def load_npz(
     path: str | Path, images_key: str = "images", labels_key: str = "labels"
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -192,7 +210,7 @@ def load_npz(
     if not resolved.is_file():
         raise FileNotFoundError(f"npz file not found: {str(resolved)!r} (argument path={str(path)!r})")
     try:
-        with np.load(resolved, allow_pickle=False) as archive:
+        with _open_npz(resolved) as archive:
             present = sorted(archive.files)
             for key, arg in ((images_key, "images_key"), (labels_key, "labels_key")):
                 if key not in present:
@@ -200,7 +218,8 @@ def load_npz(
             images, labels = archive[images_key], archive[labels_key]
     except KeyError:
         raise
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError) as err:
+        # a damaged archive can also claim an unknown zip version or compression, or encryption
         raise ValueError(
             f"{str(resolved)!r} is not a readable .npz of arrays ({type(err).__name__}: {err}); write it with "
             "np.savez(path, images=..., labels=...)"
@@ -209,6 +228,8 @@ def load_npz(
     for name, array in (("images", images), ("labels", labels)):
         if np.iscomplexobj(array):
             raise ValueError(f"{where}: {name} must be real numbers, got dtype {array.dtype}")
+        if array.dtype.kind in "mM":  # timedelta / datetime count as numbers for numpy
+            raise ValueError(f"{where}: {name} must be numbers, got dtype {array.dtype}")
     images = _to_uint8_images(images, where)
     if labels.ndim != 1 or len(labels) != len(images):
         raise ValueError(
@@ -216,6 +237,13 @@ def load_npz(
         )
     if not np.issubdtype(labels.dtype, np.number) or labels.dtype == np.bool_:
         raise ValueError(f"{where}: labels must be integers, got dtype {labels.dtype}")
-    if labels.size and (labels.min() < 0 or not np.array_equal(labels, np.rint(labels))):
-        raise ValueError(f"{where}: labels must be non-negative integers")
+    if labels.size and (
+        not np.isfinite(labels).all()
+        or labels.min() < 0
+        or labels.max() >= 2**63
+        or not np.array_equal(labels, np.rint(labels))
+    ):
+        raise ValueError(
+            f"{where}: labels must be non-negative integers below 2**63, got range {labels.min()}..{labels.max()}"
+        )
     return images, labels.astype(np.int64)

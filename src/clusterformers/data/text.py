@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -62,7 +63,7 @@ def load_text_file(path: str | Path) -> list[str]:
             text = handle.read().decode("utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(f"text file {str(resolved)!r} is not UTF-8 text ({err}); convert it to UTF-8") from err
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, zlib.error) as err:
         raise ValueError(f"text file {str(resolved)!r} cannot be read ({type(err).__name__}: {err})") from err
     documents = [doc.strip() for doc in re.split(r"\n[ \t\r]*\n", text.replace("\r\n", "\n"))]
     documents = [doc for doc in documents if doc]
@@ -243,7 +244,9 @@ def _build_cached(
     fractions: tuple[float, ...],
     seed: int,
     max_chars: int | None,
+    version: tuple[int, int] | None = None,
 ) -> TokenCorpus:
+    """``version`` (the file's mtime and size) is only part of the cache key."""
     documents = load_documents(path)
     if max_chars is not None:
         documents = _truncate(documents, max_chars)
@@ -306,9 +309,15 @@ def build_corpus(
         raise ValueError(f"level must be 'word' or 'byte', got {level!r}")
     if split not in ("article", "contiguous"):
         raise ValueError(f"split must be 'article' or 'contiguous', got {split!r}")
-    key_path = None if path is None else str(Path(path).expanduser().resolve())
+    key_path, version = None, None
+    if path is not None:
+        resolved = Path(path).expanduser().resolve()
+        key_path = str(resolved)
+        if resolved.is_file():  # a rewritten file is read again (a missing one raises in the loader)
+            stat = resolved.stat()
+            version = (stat.st_mtime_ns, stat.st_size)
     cached = _build_cached(
-        level, key_path, min_count, max_vocab, split, tuple(float(f) for f in fractions), seed, max_chars
+        level, key_path, min_count, max_vocab, split, tuple(float(f) for f in fractions), seed, max_chars, version
     )
     return TokenCorpus(
         cached.train.clone(), cached.valid.clone(), cached.test.clone(), cached.vocab_size, cached.vocab, level

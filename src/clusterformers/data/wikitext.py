@@ -16,6 +16,7 @@ import html
 import logging
 import re
 import xml.etree.ElementTree as ET
+import zlib
 from pathlib import Path
 from typing import BinaryIO
 
@@ -184,6 +185,20 @@ def open_text_source(path: Path) -> BinaryIO:
 @functools.lru_cache(maxsize=4)
 def _parse_wikipedia(path: str, mtime_ns: int, size: int) -> tuple[str, ...]:
     """Stream-parse a MediaWiki XML dump into cleaned articles; cached on path, mtime and size."""
+    try:
+        articles, skipped = _parse_pages(path)
+    except ET.ParseError as err:
+        raise ValueError(f"{path!r} is not a well-formed MediaWiki XML dump ({err})") from err
+    except (OSError, EOFError, zlib.error) as err:
+        raise ValueError(f"{path!r} cannot be read ({type(err).__name__}: {err})") from err
+    if not articles:
+        raise ValueError(f"{path!r} contains no article pages (<page> with <text>) after cleaning")
+    logger.info("parsed %d articles from %s (%d redirects/namespaced/empty skipped)", len(articles), path, skipped)
+    return tuple(articles)
+
+
+def _parse_pages(path: str) -> tuple[list[str], int]:
+    """The cleaned articles of a dump and the number of pages skipped."""
     articles: list[str] = []
     skipped = 0
     with open_text_source(Path(path)) as handle:
@@ -210,10 +225,7 @@ def _parse_wikipedia(path: str, mtime_ns: int, size: int) -> tuple[str, ...]:
                 else:
                     skipped += 1
             root.clear()
-    if not articles:
-        raise ValueError(f"{path!r} contains no article pages (<page> with <text>) after cleaning")
-    logger.info("parsed %d articles from %s (%d redirects/namespaced/empty skipped)", len(articles), path, skipped)
-    return tuple(articles)
+    return articles, skipped
 
 
 def load_wikipedia(path: str | Path | None = None) -> list[str]:
