@@ -156,3 +156,19 @@ def test_holm_runs_over_confirmatory_claims_only() -> None:
         metric_matrix(arms["a"], "missing")
     with pytest.raises(ValueError, match="margin"):
         Claim("bad", "x", "a", "b", "m", 0)
+
+
+def test_compact_items_and_results_without_them(tmp_path: Path) -> None:
+    import torch
+
+    from clusterformers.experiments.claims import compact, without_items
+    from clusterformers.experiments.grid import load_cells
+
+    assert compact(torch.tensor([True, False])) == [1, 0] and compact([0.0, 1.0, 1.0]) == [0, 1, 1]
+    assert compact(torch.tensor([0.123456789, 2.0])) == [0.12346, 2.0]
+    arms = {"a": {0: {"x": 1.0, "items": {"m": [1, 0]}}}}
+    assert without_items(arms) == {"a": {0: {"x": 1.0}}} and "items" in arms["a"][0]
+    cells = [Cell("s", "arm", seed, {"scale": 2}) for seed in range(2)]
+    run_grid(cells, square, tmp_path, workers=1)
+    loaded = load_cells(tmp_path, "s")
+    assert set(loaded) == {"arm"} and loaded["arm"][1]["value"] == 2 and set(loaded["arm"]) == {0, 1}

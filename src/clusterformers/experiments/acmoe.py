@@ -25,7 +25,7 @@ from clusterformers.experiments.acmoe_common import ARM_NOTES, arm_options, chec
 from clusterformers.experiments.acmoe_lm import LmStudy
 from clusterformers.experiments.acmoe_synthetic import SyntheticStudy
 from clusterformers.experiments.acmoe_vit import VitStudy
-from clusterformers.experiments.claims import Claim, decide, verdict_json, verdict_table
+from clusterformers.experiments.claims import Claim, decide, verdict_json, verdict_table, without_items
 from clusterformers.experiments.grid import Cell, run_grid
 from clusterformers.report import Section
 from clusterformers.train import resolve_device
@@ -231,5 +231,5 @@ def run(cfg: AcmoeConfig, out: Path) -> list[Section]:
           "the confirmatory p-values are Holm-corrected. Nothing here is hard-coded: rerunning with other seeds "
           "or sizes rewrites it.\n", verdict_table(verdicts, digits=4), "",
           "Arms: " + "; ".join(f"`{a}` = {ARM_NOTES[a]}" for a in used) + "\n"]
-    results = {"cells": arms, "verdicts": verdict_json(verdicts)}
+    results = {"cells": without_items(arms), "verdicts": verdict_json(verdicts)}
     return [Section("AC-MoE — claims", "\n".join(md), [], results), *sections]

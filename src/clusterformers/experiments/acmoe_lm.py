@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from clusterformers.data.text import TokenCorpus, eval_windows, random_windows, word_swap
 from clusterformers.experiments.acmoe_common import arm_options, eval_curve, shared_init, train_cell
+from clusterformers.experiments.claims import compact
 from clusterformers.models.transformer import TransformerLM, TransformerLMConfig
 from clusterformers.report import Section, fmt, line_figure, markdown_table
 from clusterformers.train import TrainConfig
@@ -126,7 +127,7 @@ def run_cell(study: LmStudy, level: str, arm: str, seed: int, cell_dir: Path, de
     result = {"curve_steps": steps, "curve": curve,
               "valid_loss": float(window_nll(model, valid, context, device, study.eval_batch).mean()),
               "test_loss": float(items["nll"].mean()), **{k: float(v.mean()) for k, v in items.items()},
-              "items": {k: v.double().tolist() for k, v in items.items()}}
+              "items": {k: compact(v) for k, v in items.items()}}
     if level == "word":
         result["swap_loss"] = result["test_loss"] + result["swap_excess_nll"]
     return result

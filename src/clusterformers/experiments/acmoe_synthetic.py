@@ -31,6 +31,7 @@ from clusterformers.experiments.acmoe_common import (
     steps_to_reach,
     train_cell,
 )
+from clusterformers.experiments.claims import compact
 from clusterformers.experiments.common import batches, epoch_batch_fn
 from clusterformers.metrics import dispersion_ratio, expert_load_std, flip_rate, nmi, purity
 from clusterformers.models.ffn import resolve_ac_option
@@ -298,7 +299,7 @@ def run_cell(study: SyntheticStudy, arm: str, seed: int, cell_dir: Path, device:
         "load_std": expert_load_std(clean.routes, study.num_experts),
         "dispersion_h": dispersion_ratio(clean.h[-1], z_te),
         "dispersion_mh": dispersion_ratio(clean.u[-1], z_te),
-        "items": {k: v.double().tolist() for k, v in items.items()},
+        "items": {k: compact(v) for k, v in items.items()},
     }
 
 

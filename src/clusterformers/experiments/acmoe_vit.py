@@ -30,6 +30,7 @@ from clusterformers.experiments.acmoe_common import (
     shared_init,
     train_cell,
 )
+from clusterformers.experiments.claims import compact
 from clusterformers.experiments.common import batches, epoch_batch_fn
 from clusterformers.metrics import flip_rate
 from clusterformers.models.vit import ViT, ViTConfig
@@ -159,7 +160,7 @@ def run_cell(study: VitStudy, arm: str, seed: int, cell_dir: Path, device: torch
             "curve_epochs": [s // spe for s in steps], "curve": curve, "flip": flips,
             "picture": {"index": idx, "experts": routes[-1][idx, 1:, 0].tolist()},
             "num_moe_layers": len(moe_layers(model)),
-            "items": {k: v.double().tolist() for k, v in items.items()}}
+            "items": {k: compact(v) for k, v in items.items()}}
 
 
 # --------------------------------------------------------------------------------------------- report

@@ -138,6 +138,22 @@ def paired_effect(a: np.ndarray, b: np.ndarray, *, direction: int = 1, margin: f
     return Effect(mean, mean - half, mean + half, float(min(1.0, p)), d.shape[0], d.shape[1])
 
 
+def compact(values: np.ndarray | Sequence[float] | object) -> list:
+    """Per-item values for a cell's JSON: ``0``/``1`` ints when every value is 0 or 1 (correctness), else
+    floats rounded to 5 significant digits (far finer than any effect the intervals resolve)."""
+    arr = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values, dtype=np.float64).ravel()
+    if np.isin(arr, (0.0, 1.0)).all():
+        return arr.astype(np.int64).tolist()
+    return [float(f"{v:.5g}") for v in arr]
+
+
+def without_items(arms: Mapping[str, Mapping[int, Mapping]]) -> dict:
+    """``arms`` with every cell's per-item ``items`` dropped (for a report's ``results.json``; the per-item
+    values stay in each cell's ``result.json``)."""
+    return {arm: {seed: {k: v for k, v in r.items() if k != "items"} for seed, r in cells.items()}
+            for arm, cells in arms.items()}
+
+
 def holm(p: Sequence[float]) -> list[float]:
     """Holm's step-down adjusted p-values (family-wise error control), in the input order."""
     m = len(p)

@@ -29,7 +29,7 @@ from clusterformers.attention import set_metric_grad
 from clusterformers.data.augment import random_translate
 from clusterformers.data.images import mnist5k_split
 from clusterformers.data.text import TokenCorpus, build_corpus, random_windows, word_swap
-from clusterformers.experiments.claims import Claim, decide, verdict_json, verdict_table
+from clusterformers.experiments.claims import Claim, compact, decide, verdict_json, verdict_table, without_items
 from clusterformers.experiments.common import batches, epoch_batch_fn
 from clusterformers.experiments.grid import Cell, run_grid
 from clusterformers.metrics import collect_token_cosine
@@ -222,7 +222,7 @@ def run_vit_cell(study: VitStudy, arm: str, seed: int, run_dir: Path, device: to
     set_metric_grad(model, False)
     cosine = collect_token_cosine(model, batches((x_te,), 250), device)
     return {**{k: float(v.double().mean()) for k, v in items.items()}, "token_cosine": cosine,
-            "token_cosine_last": cosine[-1], "items": {k: v.double().tolist() for k, v in items.items()}}
+            "token_cosine_last": cosine[-1], "items": {k: compact(v) for k, v in items.items()}}
 
 
 # --------------------------------------------------------------------------------------------- LM
@@ -295,7 +295,7 @@ def run_lm_cell(study: LmStudy, arm: str, seed: int, run_dir: Path, device: torc
     windows = test[: n * study.context].view(n, study.context)
     cosine = collect_token_cosine(model, batches((windows,), 16), device)
     return {**result, "nll": float(items["nll"].mean()), "token_cosine": cosine, "token_cosine_last": cosine[-1],
-            "items": {k: v.double().tolist() for k, v in items.items()}}
+            "items": {k: compact(v) for k, v in items.items()}}
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -419,7 +419,7 @@ def sections(cfg: EllipticalConfig, cells: Mapping[Cell, dict], out: Path, corpu
                 {a.removeprefix("vit-"): [r["token_cosine"] for r in arms[a].values()] for a in vit_arms},
                 xlabel="layer", ylabel="mean pairwise token cosine", title="Representation collapse (ViT)")
     figs.append(str(path.relative_to(out)))
-    results = {"cells": arms, "verdicts": verdict_json(verdicts)}
+    results = {"cells": without_items(arms), "verdicts": verdict_json(verdicts)}
     return [Section("Elliptical Attention — ViT on MNIST-5k and a word-level LM", "\n".join(md), figs, results)]
 
 

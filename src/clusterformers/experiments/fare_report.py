@@ -16,7 +16,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 from clusterformers.contrastive.cost import loglog_slope
-from clusterformers.experiments.claims import Claim, decide, verdict_json, verdict_table
+from clusterformers.experiments.claims import Claim, decide, verdict_json, verdict_table, without_items
 from clusterformers.experiments.fare import ACCURACY_MARGIN, DIAGNOSTIC_KEYS, FareConfig
 from clusterformers.report import Section, fmt, mean_std
 
@@ -322,7 +322,7 @@ def fare_sections(cfg: FareConfig, results: dict[str, dict[int, dict]], selectio
           "differences.\n",
           "### How the settings were chosen\n", selection_md(cfg, selection), diag_md]
     losses = Section("FARE — fair contrastive losses on ColorMNIST", "\n".join(md), diag_figs,
-                     {"cells": results, "selection": selection, "verdicts": verdict_json(verdicts)})
+                     {"cells": without_items(results), "selection": selection, "verdicts": verdict_json(verdicts)})
     trade = out / "figures" / "fare_tradeoff.png"
     tradeoff_figure(cells, trade, f"{len(cfg.seeds)} seeds, {cfg.epochs} epochs")
     trade_off = Section("FARE — fairness/accuracy trade-off",

@@ -83,6 +83,16 @@ def load_result(cell: Cell, root: Path) -> dict | None:
         raise ValueError(f"{path} is not valid JSON ({err}); delete it to rerun that cell") from err
 
 
+def load_cells(root: Path, study: str) -> dict[str, dict[int, dict]]:
+    """Every finished cell of ``study`` under ``root``, with its per-item values: ``{arm: {seed: result}}``
+    (all settings; an arm that ran under two settings appears once per setting, the later overwriting)."""
+    out: dict[str, dict[int, dict]] = {}
+    for path in sorted(Path(root, study).glob(f"*/seed*/{RESULT}")):
+        cell = json.loads((path.parent / "cell.json").read_text())
+        out.setdefault(cell["arm"], {})[int(cell["seed"])] = json.loads(path.read_text())
+    return out
+
+
 def _write_json(path: Path, obj: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
