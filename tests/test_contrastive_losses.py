@@ -508,3 +508,46 @@ def test_errors_name_the_argument():
             call()
     nan = z1.detach().clone().fill_(float("nan"))
     assert torch.isnan(info_nce(nan, z2, check_inputs=False))  # the NaN check is skippable
+
+
+@pytest.mark.parametrize("options", [{}, {"mask_self": False}, {"score": "neg_sqdist", "negatives": "cross"},
+                                     {"symmetric": False, "neg_scale": "none"}])
+def test_fare_row_blocks_equal_the_dense_loss_and_gradients(options) -> None:
+    from clusterformers.contrastive import functional as fn
+
+    g = torch.Generator().manual_seed(0)
+    b, d = 150, 8
+    z1, z2 = (torch.randn(b, d, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    sens = torch.rand(b, 3, generator=g, dtype=torch.float64)
+    w_q, w_k = (torch.randn(16, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    dense = fn.fare(z1, z2, sens, w_q, w_k, chunk_size=None, **options)
+    grads = torch.autograd.grad(dense, (z1, z2, w_q, w_k))
+    for chunk in (1, 37, 150, 1000):
+        blocked = fn.fare(z1, z2, sens, w_q, w_k, chunk_size=chunk, **options)
+        torch.testing.assert_close(blocked, dense, rtol=0, atol=1e-12)
+        for a, c in zip(torch.autograd.grad(blocked, (z1, z2, w_q, w_k)), grads):
+            torch.testing.assert_close(a, c, rtol=0, atol=1e-12)
+    _, stats = fn.fare(z1, z2, sens, w_q, w_k, chunk_size=37, return_stats=True, **options)
+    _, dense_stats = fn.fare(z1, z2, sens, w_q, w_k, chunk_size=None, return_stats=True, **options)
+    assert stats.keys() == dense_stats.keys()
+    for key in stats:
+        assert stats[key] == pytest.approx(dense_stats[key], rel=1e-9), key
+    for bad in (0, -3, 2.5, "big", True):
+        with pytest.raises(ValueError, match="chunk_size"):
+            fn.fare(z1, z2, sens, w_q, w_k, chunk_size=bad)
+
+
+def test_fare_memory_is_linear_in_the_batch_above_1024() -> None:
+    from clusterformers.contrastive import functional as fn
+    from clusterformers.contrastive.cost import LiveTensorTracker
+
+    g = torch.Generator().manual_seed(0)
+    peaks = {}
+    for chunk in (None, "auto"):
+        z1, z2 = (torch.randn(2048, 32, generator=g, requires_grad=True) for _ in range(2))
+        w = torch.eye(16, 3)
+        with LiveTensorTracker() as tracker:
+            fn.fare(z1, z2, torch.rand(2048, 3, generator=g), w, w, chunk_size=chunk).backward()
+        peaks[chunk] = tracker.peak
+    # dense holds several [2b, 2b] float32 matrices (>= 64 MiB each); blocks of 512 rows a quarter of one each
+    assert peaks[None] > 150 * 2**20 and peaks["auto"] < peaks[None] / 3

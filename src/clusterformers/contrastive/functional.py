@@ -24,6 +24,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from clusterformers.contrastive.diagnostics import weighting_diagnostics
 from clusterformers.contrastive.inputs import (
@@ -36,7 +37,7 @@ from clusterformers.contrastive.inputs import (
 from clusterformers.contrastive.kernels import sensitive_kernel
 from clusterformers.contrastive.lsh import buckets_for_batch, build_block_plan, draw_rotations, hash_buckets, tile_size
 from clusterformers.contrastive.lsh import support_mask as lsh_support_mask
-from clusterformers.contrastive.nce import LogWeightBlocks, segment_logsumexp, weighted_nce
+from clusterformers.contrastive.nce import LogWeightBlocks, segment_logsumexp, weighted_nce, weighted_nce_rows
 
 DIAG_ROWS = 512
 SCORES = ("dot", "neg_sqdist")
@@ -288,6 +289,7 @@ def fare(
     check_inputs: bool = True,
     return_stats: bool = False,
     diagnostics: bool = True,
+    chunk_size: int | str | None = "auto",
 ) -> Tensor | tuple[Tensor, dict[str, float]]:
     """FARE: ``W_ij = (b−1) p_ij``, ``p_i = softmax_{j≠i}(score(W_Q ẑ_i, W_K ẑ_j))`` (Eqs. 8–11).
 
@@ -300,24 +302,83 @@ def fare(
         neg_scale: ``"b-1"`` (uniform attention = InfoNCE) or ``"none"`` (``W = p``).
         mask_self: exclude ``j = i`` from the softmax; False also weights ``e^{S_ii}`` by ``W_ii``.
         check_inputs: raise on NaN/Inf and on integer groups outside ``0..s-1``.
+        chunk_size: anchors per row block. Blocks are recomputed in the backward pass, so memory is
+            ``O(chunk_size · b)`` instead of ``O(b²)``; the loss and gradients equal the dense ones (up to
+            rounding). ``"auto"``: dense up to ``b = 1024``, blocks of 512 above; ``None``: always dense.
     """
     z1, z2 = check_embeddings(z1, z2, check_inputs)
     b = z1.shape[0]
     dtype = compute_dtype(z1.dtype, w_q.dtype)
     zhat, _ = _attribute(sensitive, w_q, b, z1.device, check_inputs, z_norm)
     q, k, rho = _projections(zhat, w_q, w_k, rho, score, dtype)
-    att = _scores(q, k, rho, score)
-    if mask_self:
-        # no autograd needed: the softmax gives the -inf entries exactly zero gradient
-        with torch.no_grad():
-            att.diagonal().fill_(_NEG_INF)
-    log_w = _log_scale(b, neg_scale) + torch.log_softmax(att, dim=1)
     nce = {"temperature": temperature, "negatives": negatives, "symmetric": symmetric}
+    chunk = _chunk_rows(chunk_size, b)
+    if chunk < b:
+        return _fare_chunked(z1, z2, zhat, q, k, rho, score, neg_scale, mask_self, nce, chunk, return_stats,
+                             diagnostics)
+    log_w = _fare_log_weights(q, k, rho, score, neg_scale, mask_self, 0, b)
     stats = {}
     if return_stats:
         stats = _dense_stats(log_w.detach(), zhat, diagnostics)
         stats["fallback_rows"] = 0.0
     return _finish(z1, z2, log_w, nce, return_stats, stats)
+
+
+CHUNK_AUTO_DENSE = 1024  # "auto": dense up to this batch size,
+CHUNK_AUTO_ROWS = 512  # and row blocks of this many anchors above it (b = 8192: 0.24 GiB instead of 3.8 GiB)
+
+
+def _chunk_rows(chunk_size: int | str | None, b: int) -> int:
+    if chunk_size is None:
+        return b
+    if chunk_size == "auto":
+        return b if b <= CHUNK_AUTO_DENSE else CHUNK_AUTO_ROWS
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, 'auto' or None (dense), got {chunk_size!r}")
+    return min(chunk_size, b)
+
+
+def _fare_log_weights(q: Tensor, k: Tensor, rho: float, score: str, neg_scale: str, mask_self: bool, start: int,
+                      stop: int) -> Tensor:
+    """``log W`` of the anchors ``start:stop`` against all ``b`` negatives, ``[stop − start, b]``."""
+    att = _scores(q[start:stop], k, rho, score)
+    if mask_self:
+        # no autograd needed: the softmax gives the -inf entries exactly zero gradient
+        with torch.no_grad():
+            att.diagonal(offset=start).fill_(_NEG_INF)
+    return _log_scale(k.shape[0], neg_scale) + torch.log_softmax(att, dim=1)
+
+
+def _fare_chunked(z1: Tensor, z2: Tensor, zhat: Tensor, q: Tensor, k: Tensor, rho: float, score: str,
+                  neg_scale: str, mask_self: bool, nce: dict, chunk: int, return_stats: bool, diagnostics: bool
+                  ) -> Tensor | tuple[Tensor, dict[str, float]]:
+    """FARE over row blocks of ``chunk`` anchors, each recomputed in the backward pass (activation
+    checkpointing), so memory grows as ``chunk · b`` instead of ``b²``; the loss equals the dense one."""
+    b = z1.shape[0]
+    keys = torch.arange(b, device=z1.device)[None]
+
+    def block_rows(z1: Tensor, z2: Tensor, q: Tensor, k: Tensor, start: int, stop: int) -> Tensor:
+        log_w = _fare_log_weights(q, k, rho, score, neg_scale, mask_self, start, stop)
+        query = torch.arange(start, stop, device=z1.device)[None]
+        return weighted_nce_rows(z1, z2, LogWeightBlocks(query, keys, log_w[None]), **nce)
+
+    rows = None
+    for start in range(0, b, chunk):
+        stop = min(b, start + chunk)
+        part = checkpoint(block_rows, z1, z2, q, k, start, stop, use_reentrant=False)
+        rows = part if rows is None else rows + part  # anchors outside the block contribute exactly 0
+    loss = rows.mean()
+    if not return_stats:
+        return loss
+    with torch.no_grad():
+        first = _fare_log_weights(q, k, rho, score, neg_scale, mask_self, 0, min(b, DIAG_ROWS))
+        stats = {"support": float(torch.isfinite(first).sum(1).double().mean()) - (0.0 if mask_self else 1.0),
+                 "empty_rows": 0.0, "fallback_rows": 0.0}
+        if diagnostics:
+            not_self = ~torch.eye(b, dtype=torch.bool, device=first.device)[: first.shape[0]]
+            dist = torch.cdist(zhat[: first.shape[0]].double(), zhat.double())
+            stats.update(weighting_diagnostics(first.exp(), dist, not_self))
+    return loss, {"loss": float(loss.detach()), **stats}
 
 
 def sparse_fare(

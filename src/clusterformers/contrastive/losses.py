@@ -198,7 +198,9 @@ class FARELoss(ContrastiveLoss):
         **kwargs: :class:`ContrastiveLoss` options.
 
     ``W_Q``, ``W_K`` start as a padded identity plus N(0, 0.01²) noise (global RNG); train them with the
-    encoder's optimiser and no weight decay.
+    encoder's optimiser and no weight decay. Above ``b = 1024`` the loss is computed in row blocks of 512
+    anchors, recomputed in the backward pass, so its memory grows linearly in ``b`` (the values equal the
+    dense computation's; ``functional.fare(..., chunk_size=None)`` is the dense one).
     """
 
     def __init__(
