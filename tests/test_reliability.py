@@ -334,3 +334,41 @@ def test_build_corpus_reads_a_rewritten_file_again(tmp_path) -> None:
     path.write_text("delta epsilon " * 80)
     assert build_corpus("byte", path=path).train[:5].tolist() == list(b"delta")
 
+
+
+def test_softmoe_tokens_near_1e20_are_normalised_not_zeroed() -> None:
+    from clusterformers import SoftMoE
+
+    torch.manual_seed(0)
+    layer = SoftMoE(6, 4, 1, 8)
+    x = torch.randn(2, 5, 6)
+    # SoftMoE's dispatch sees unit-normalised tokens: a token scaled by 1e20 routes like the token itself
+    torch.testing.assert_close(layer(x * 1e20) / 1.0, layer(x), rtol=1e-5, atol=1e-6)
+    assert layer(x * 1e20).abs().max() > 0.01
+
+
+def test_router_losses_ignore_padded_overflow_and_refuse_no_kept_tokens() -> None:
+    from clusterformers import load_balancing_loss, router_z_loss
+
+    logits = torch.randn(6, 4)
+    keep = torch.tensor([True, True, True, True, False, False])
+    clean = router_z_loss(logits, keep)
+    poisoned = logits.clone()
+    poisoned[5] = 1e20  # a padded token whose squared logsumexp overflows float32
+    assert torch.isfinite(router_z_loss(poisoned, keep)) and torch.equal(router_z_loss(poisoned, keep), clean)
+    expected = torch.logsumexp(logits[:4], dim=1).square().mean()
+    torch.testing.assert_close(clean, expected)
+    none = torch.zeros(6, dtype=torch.bool)
+    for call in (lambda: router_z_loss(logits, none), lambda: load_balancing_loss(logits, 4, 2, none)):
+        with pytest.raises(ValueError, match="key_padding_mask keeps none"):
+            call()
+    assert router_z_loss(logits, none, check_inputs=False) == 0  # unchecked: no host read, an empty mean is 0
+
+
+def test_fare_running_norm_refuses_an_empty_group_batch_clearly() -> None:
+    from clusterformers import FARELoss
+
+    loss = FARELoss(3, z_norm="running")
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        loss(torch.zeros(0, 4), torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
+    assert torch.equal(loss.running_mean, torch.zeros(3))  # the rejected call changed no state

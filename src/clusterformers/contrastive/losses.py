@@ -256,6 +256,8 @@ class FARELoss(ContrastiveLoss):
         if self.z_norm != "running":
             return sensitive, self.z_norm, None, None
         sens = check_sensitive(sensitive, b, device, self.check_inputs)
+        if sens.shape[0] < 2:
+            raise ValueError(f"z_norm='running' needs a batch of at least 2 samples, got b = {sens.shape[0]}")
         groups = None
         if not sens.is_floating_point():
             groups = sens
@@ -264,8 +266,6 @@ class FARELoss(ContrastiveLoss):
             raise ValueError(
                 f"sensitive has s = {sens.shape[1]} columns, expected sensitive_dim = {self.sensitive_dim}"
             )
-        if sens.shape[0] < 2:
-            raise ValueError(f"z_norm='running' needs a batch of at least 2 samples, got b = {sens.shape[0]}")
         mean, var, running = self.running_mean, self.running_var, None
         if self.training:
             with torch.no_grad():

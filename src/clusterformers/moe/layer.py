@@ -302,7 +302,8 @@ class MoE(RoutingLayer, KeepsLastForward, nn.Module):
     def _aux(self, logits: Tensor, mask: Tensor | None) -> Tensor:
         aux = logits.new_zeros(())
         if self.aux_coef:
-            aux = aux + self.aux_coef * load_balancing_loss(logits, self.num_experts, self.top_k, mask)
+            aux = aux + self.aux_coef * load_balancing_loss(logits, self.num_experts, self.top_k, mask,
+                                                             check_inputs=False)
         if self.z_coef:
-            aux = aux + self.z_coef * router_z_loss(logits, mask)
+            aux = aux + self.z_coef * router_z_loss(logits, mask, check_inputs=False)
         return aux

@@ -90,8 +90,12 @@ class SoftMoE(RoutingLayer, KeepsLastForward, nn.Module):
         B, n, d = x.shape
         E, p = self.num_experts, self.slots_per_expert
         prev = self.previous_state(prev)
-        # in at least float32: in float16 the default eps underflows and zero tokens would become NaN
-        xh = F.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-1).to(x.dtype)
+        # in at least float32: in float16 the default eps underflows and zero tokens would become NaN; a token
+        # with entries above 1 is first divided by its largest magnitude, so tokens near 1e20 (whose squares
+        # overflow) stay unit vectors
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        xf = xf / xf.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1.0)
+        xh = F.normalize(xf, dim=-1).to(x.dtype)
         stats = None
         if self.metric is not None and prev is not None:
             check_state(prev, E, B * n, self.ac.mix)
