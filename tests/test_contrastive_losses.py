@@ -186,10 +186,13 @@ def test_literal_eq13_matches_loop():
 def test_fare_default_matches_loop_and_trains_projections():
     z1, z2 = embeddings()
     c, (w_q, w_k) = colours(), projections()
-    got = fare(z1, z2, c, w_q, w_k, score="neg_sqdist")
+    got = fare(z1, z2, c, w_q, w_k, score="neg_sqdist")  # the default rho = 1
     zh = (c - c.mean(0)) / (c.std(0, unbiased=False) + 1e-6)
     q, k = zh @ w_q.T, zh @ w_k.T
-    att = -torch.cdist(q, k) ** 2 / (2 * 2.0)
+    att = -torch.cdist(q, k) ** 2 / (2 * 1.0)
+    # rho=None is the former default sqrt(d_k) (d_k = 4 here)
+    assert fare(z1, z2, c, w_q, w_k, rho=None).item() == pytest.approx(fare(z1, z2, c, w_q, w_k, rho=2.0).item())
+    assert fare(z1, z2, c, w_q, w_k).item() != pytest.approx(fare(z1, z2, c, w_q, w_k, rho=None).item())
     p = [[0.0] * 6 for _ in range(6)]
     for i in range(6):
         den = sum(math.exp(att[i, j].item()) for j in range(6) if j != i)
@@ -380,7 +383,7 @@ def test_forced_fallback_rows_use_dense_fare_row():
     buckets = torch.tensor([0, 0, 0, 1, 1, 2, 3])  # anchors 5, 6 are alone
     fare_rows = fare(z1, z2, c, w_q, w_k, return_stats=False)
     zh = (c - c.mean(0)) / (c.std(0, unbiased=False) + 1e-6)
-    att = (zh @ w_q.T) @ (zh @ w_k.T).T / 2.0
+    att = (zh @ w_q.T) @ (zh @ w_k.T).T / 1.0  # the default rho = 1
     w = [[0.0] * b for _ in range(b)]
     for i in range(b):
         support = [j for j in range(b) if j != i and (buckets[j] == buckets[i] or buckets[i] >= 2)]

@@ -121,7 +121,7 @@ def test_n_hashes_dense_union_of_rounds():
     buckets, probes = hash_buckets(zh, rot)
     rounds = [buckets[r][:, None] == buckets[r][None, :] for r in range(3)]
     union = (rounds[0] | rounds[1] | rounds[2]).fill_diagonal_(False)
-    att = ((zh @ w_q.T) @ (zh @ w_k.T).T / 2.0).masked_fill(~union, float("-inf"))
+    att = ((zh @ w_q.T) @ (zh @ w_k.T).T / 1.0).masked_fill(~union, float("-inf"))
     log_w = torch.log(torch.tensor(19.0, dtype=D64)) + torch.log_softmax(att, 1)
     assert loss.item() == pytest.approx(weighted_nce(z1, z2, log_w).item(), rel=1e-12)
 

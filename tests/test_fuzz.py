@@ -382,11 +382,11 @@ def test_cclk_inputs(b, d, dtype, special, sens, sens_special, kernel, bandwidth
 
 
 def ref_fare_weights(rows: list[list[float]], w_q: list[list[float]], w_k: list[list[float]],
-                     support: list[list[int]], score: str) -> list[list[float]]:
+                     support: list[list[int]], score: str, rho: float = 1.0) -> list[list[float]]:
     """functional.fare / sparse_fare: ``ẑ`` the attribute standardised per column, ``(x − mean)/(std + 1e-6)``;
-    ``q = W_Q ẑ``, ``k = W_K ẑ``, ``ρ = √d_k``; ``W_ij = (b−1) p_ij``, ``p_i`` the softmax over ``j ∈ S_i`` of
+    ``q = W_Q ẑ``, ``k = W_K ẑ``, ``ρ`` (default 1); ``W_ij = (b−1) p_ij``, ``p_i`` the softmax over ``j ∈ S_i`` of
     ``q_i·k_j/ρ`` (``"dot"``) or ``−‖q_i − k_j‖²/2ρ`` (``"neg_sqdist"``)."""
-    b, rho = len(rows), math.sqrt(len(w_q))
+    b = len(rows)
     q, k = ref_projections(rows, w_q), ref_projections(rows, w_k)
     w = [[0.0] * b for _ in range(b)]
     for i in range(b):

@@ -278,7 +278,7 @@ def fare(
     w_q: Tensor,
     w_k: Tensor,
     *,
-    rho: float | None = None,
+    rho: float | None = 1.0,
     score: str = "dot",
     z_norm: str = "batch",
     neg_scale: str = "b-1",
@@ -296,7 +296,8 @@ def fare(
     Args:
         sensitive: float ``[b]`` / ``[b, s]`` or int groups ``[b]`` (one-hot to ``s`` columns).
         w_q, w_k: ``[d_k, s]`` projections (gradients flow to them); ``w_q = 0`` gives InfoNCE exactly.
-        rho: softmax temperature ``ρ``; ``None`` = ``√d_k``.
+        rho: softmax temperature ``ρ`` (1, chosen on ColorMNIST validation data; see ``docs/fare.md``);
+            ``None`` = ``√d_k``, the former default, which leaves the attention almost uniform.
         score: ``"dot"`` (``q·k/ρ``) or ``"neg_sqdist"`` (``−‖q−k‖²/2ρ``).
         z_norm: ``"batch"`` (standardise the attribute with batch statistics) or ``"none"``.
         neg_scale: ``"b-1"`` (uniform attention = InfoNCE) or ``"none"`` (``W = p``).
@@ -398,7 +399,7 @@ def sparse_fare(
     rotations: Tensor | None = None,
     buckets: Tensor | None = None,
     unit_rotations: bool = True,
-    rho: float | None = None,
+    rho: float | None = 1.0,
     score: str = "dot",
     z_norm: str = "batch",
     neg_scale: str = "b-1",

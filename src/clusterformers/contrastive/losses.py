@@ -187,7 +187,8 @@ class FARELoss(ContrastiveLoss):
         sensitive_dim: ``s``, columns of a float attribute or number of integer groups (one-hot encoded; with
             ``check_inputs=False`` a group ``>= s`` gets an all-zero row instead of an error).
         d_k: query/key width; ignored when ``learn_projections=False`` (then ``d_k = s``).
-        rho: ``ρ``; ``None`` = ``√d_k`` (``√s`` when fixed).
+        rho: ``ρ``, the attention's temperature: 1 by default (chosen on ColorMNIST validation data); ``None``
+            = ``√d_k`` (``√s`` when fixed), the former default, whose attention is almost uniform (near InfoNCE).
         learn_projections: False = the fixed-projection ablation, ``W_Q = W_K = I`` as buffers.
         score: ``"dot"`` or ``"neg_sqdist"``.
         z_norm: how the attribute is standardised: ``"batch"`` statistics, ``"running"`` (EMA statistics with
@@ -208,7 +209,7 @@ class FARELoss(ContrastiveLoss):
         sensitive_dim: int,
         *,
         d_k: int = 16,
-        rho: float | None = None,
+        rho: float | None = 1.0,
         learn_projections: bool = True,
         score: str = "dot",
         z_norm: str = "batch",
