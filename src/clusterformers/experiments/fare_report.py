@@ -296,6 +296,18 @@ def selection_md(cfg: FareConfig, selection: dict) -> str:
     return "\n".join(lines)
 
 
+def _sizes(verdicts: Sequence) -> str:
+    """The measured colour-MSE gaps against InfoNCE beside the paper's (differences of its Table 1 means)."""
+    base = PAPER_TABLE1["info_nce"][1][0]
+    parts = [f"{SHORT[v.claim.a]} {v.effect.mean:+.1f} (paper {PAPER_TABLE1[v.claim.a][1][0] - base:+.1f})"
+             for v in verdicts if v.claim.b == "info_nce" and v.claim.metric == "sq_error"
+             and v.claim.a in PAPER_TABLE1]
+    if not parts:
+        return ""
+    return ("**Effect sizes** (colour MSE, fair loss − InfoNCE; the paper's are differences of its Table 1 "
+            "means): " + "; ".join(parts) + ". A verdict speaks to the direction; the sizes are compared here.")
+
+
 def fare_sections(cfg: FareConfig, results: dict[str, dict[int, dict]], selection: dict, cost_rows: list[dict],
                   out: Path) -> list[Section]:
     """The report sections: claims and results, trade-off, cost."""
@@ -315,7 +327,7 @@ def fare_sections(cfg: FareConfig, results: dict[str, dict[int, dict]], selectio
              "images; p-values of the confirmatory claims Holm-corrected.\n")
     verdicts = decide(claims(list(cells)), results)
     diag_md, diag_figs = diagnostics_summary({k: v for k, v in cells.items() if k != "init"}, out)
-    md = [intro, "### Claims\n", verdict_table(verdicts), "",
+    md = [intro, "### Claims\n", verdict_table(verdicts), "", _sizes(verdicts), "",
           "### Results\n", results_table(cells), "",
           "*Paper* columns are the paper's Table 1 (number of runs not stated; it has one SparseFARE row). "
           "Absolute values are not comparable (5k images, far shorter training); the claims are paired "
