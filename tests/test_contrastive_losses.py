@@ -554,3 +554,29 @@ def test_fare_memory_is_linear_in_the_batch_above_1024() -> None:
         peaks[chunk] = tracker.peak
     # dense holds several [2b, 2b] float32 matrices (>= 64 MiB each); blocks of 512 rows a quarter of one each
     assert peaks[None] > 150 * 2**20 and peaks["auto"] < peaks[None] / 3
+
+
+def test_gather_distributed_equals_the_global_batch(tmp_path) -> None:
+    """Two gloo processes, each with half the batch: every loss with gather_distributed=True equals the
+    single-process loss of the whole batch, each rank's embedding gradient is world_size times the global one
+    (DDP averages it back), FARE's running statistics follow the global batch, and different batch sizes
+    across ranks are a clear error on every rank."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(root / "src"), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+           str(root / "tests" / "dist_loss_worker.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert "same batch size on every rank" in report.pop("mismatch")
+        assert len(report) == 7
+        for name, diffs in report.items():
+            assert all(v < 1e-10 for v in diffs.values()), (rank, name, diffs)

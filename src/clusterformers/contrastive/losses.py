@@ -25,6 +25,8 @@ import logging
 import math
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 from torch import Tensor, nn
 
 from clusterformers.contrastive import functional as fn
@@ -51,6 +53,12 @@ class ContrastiveLoss(nn.Module):
         log_every: compute the attention diagnostics on every this many calls with ``return_stats=True``, the
             first included (0 = never). Only ``return_stats=True`` calls are counted, so calls without stats
             (compiled or not) leave the schedule alone.
+        gather_distributed: under ``torch.distributed`` with more than one process, gather the embeddings
+            (with gradients flowing back to each rank's own samples), the sensitive attributes and any bucket
+            ids of all ranks, and compute the loss of the global batch on every rank (in rank order). Every
+            rank must pass the same batch size (else a ``ValueError`` on every rank). Meant for DDP: each
+            rank's embedding gradient is ``world_size`` times the global loss's, which DDP's averaging of
+            parameter gradients turns into the global loss's gradient.
 
     Subclasses implement ``_loss(..., return_stats, diagnostics)``; their ``forward`` calls :meth:`_run`.
     """
@@ -63,6 +71,7 @@ class ContrastiveLoss(nn.Module):
         symmetric: bool = True,
         check_inputs: bool = True,
         log_every: int = 50,
+        gather_distributed: bool = False,
     ) -> None:
         super().__init__()
         if not temperature > 0:
@@ -72,7 +81,7 @@ class ContrastiveLoss(nn.Module):
         if log_every < 0:
             raise ValueError(f"log_every must be >= 0, got {log_every}")
         self.temperature, self.negatives, self.symmetric = temperature, negatives, symmetric
-        self.check_inputs, self.log_every = check_inputs, log_every
+        self.check_inputs, self.log_every, self.gather_distributed = check_inputs, log_every, gather_distributed
         self._calls = 0  # return_stats=True calls so far
         self._ratio_streak = 0
 
@@ -87,8 +96,16 @@ class ContrastiveLoss(nn.Module):
     def _loss(self, *args, return_stats: bool, diagnostics: bool, **kwargs) -> Output:
         raise NotImplementedError
 
+    def _world(self) -> int:
+        """The number of processes whose batches this loss gathers (1 without ``gather_distributed``)."""
+        if not self.gather_distributed or not dist.is_available() or not dist.is_initialized():
+            return 1
+        return dist.get_world_size()
+
     def _run(self, *args, return_stats: bool = False, **kwargs) -> Output:
         """The loss alone (traceable, no Python state touched) or, with ``return_stats``, :meth:`_run_with_stats`."""
+        if self._world() > 1:
+            args, kwargs = _gather_batch(args, kwargs)
         if not return_stats:
             return self._loss(*args, return_stats=False, diagnostics=False, **kwargs)
         return self._run_with_stats(*args, **kwargs)
@@ -113,6 +130,30 @@ class ContrastiveLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"temperature={self.temperature}, negatives={self.negatives!r}, symmetric={self.symmetric}"
+
+
+def _gather_batch(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``(z1, z2, sensitive, ...)`` and tensor keyword arguments concatenated over the ranks, in rank order;
+    the embeddings through an autograd-aware all-gather."""
+    z1 = args[0]
+    world = dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.long, device=z1.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([z1.shape[0]], device=z1.device))
+    sizes = [int(n) for n in sizes]
+    if len(set(sizes)) > 1:
+        raise ValueError(f"gather_distributed needs the same batch size on every rank, got {sizes} (by rank)")
+
+    def gather(x: object, grad: bool) -> object:
+        if not isinstance(x, Tensor):
+            return x
+        if grad:
+            return torch.cat(dist_nn.all_gather(x))
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    gathered = tuple(gather(a, grad=i < 2) for i, a in enumerate(args))
+    return gathered, {k: gather(v, grad=False) for k, v in kwargs.items()}
 
 
 class InfoNCELoss(ContrastiveLoss):
@@ -406,6 +447,9 @@ class SparseFARELoss(FARELoss):
         rotations = None
         if hashed and not self.training:
             rotations = self.eval_rotations(buckets_for_batch(z1.shape[0], self.n_buckets, self.bucket_size))
+        elif hashed and self._world() > 1:
+            rotations = self._shared_rotations(buckets_for_batch(z1.shape[0], self.n_buckets, self.bucket_size),
+                                               z1.device)
         out = fn.sparse_fare(
             z1, z2, attribute, self.w_q, self.w_k, n_buckets=self.n_buckets, bucket_size=self.bucket_size,
             n_hashes=self.n_hashes, neighbours=self.neighbours, hash_on=self.hash_on, impl=self.impl,
@@ -415,6 +459,15 @@ class SparseFARELoss(FARELoss):
         )
         self._commit(running)
         return out
+
+    def _shared_rotations(self, n_b: int, device: torch.device) -> Tensor:
+        """Training projections drawn on rank 0 (its ``generator`` or global RNG) and broadcast, so every rank
+        hashes the gathered batch alike."""
+        dim = self.sensitive_dim if self.hash_on == "z" else self.w_k.shape[0]
+        rot = draw_rotations(dim, n_b, self.n_hashes, generator=self.generator, dtype=torch.float64,
+                             unit=self.unit_rotations).to(device)
+        dist.broadcast(rot, src=0)
+        return rot
 
     def extra_repr(self) -> str:
         size = f"bucket_size={self.bucket_size}" if self.bucket_size is not None else f"n_buckets={self.n_buckets}"
