@@ -26,7 +26,6 @@ import math
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 from torch import Tensor, nn
 
 from clusterformers.contrastive import functional as fn
@@ -135,6 +134,8 @@ class ContrastiveLoss(nn.Module):
 def _gather_batch(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """``(z1, z2, sensitive, ...)`` and tensor keyword arguments concatenated over the ranks, in rank order;
     the embeddings through an autograd-aware all-gather."""
+    import torch.distributed.nn.functional as dist_nn  # only where torch.distributed is available and in use
+
     z1 = args[0]
     world = dist.get_world_size()
     sizes = [torch.zeros(1, dtype=torch.long, device=z1.device) for _ in range(world)]
