@@ -160,7 +160,7 @@ def test_bad_inputs_name_the_argument_and_the_fix(tmp_path) -> None:
     assert min(corpus.train.numel(), corpus.valid.numel(), corpus.test.numel()) > 100
 
 
-def _tiny_lm_run(out, attention: str = "softmax", steps: int = 2, resume: bool = False):
+def _tiny_lm_run(out, attention: str = "softmax", steps: int = 2, resume: bool = False, stop_at: int | None = None):
     import torch.nn.functional as F
 
     from clusterformers.models.transformer import TransformerLM, TransformerLMConfig
@@ -177,7 +177,7 @@ def _tiny_lm_run(out, attention: str = "softmax", steps: int = 2, resume: bool =
         return F.cross_entropy(net(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()), {}
 
     cfg = TrainConfig(steps=steps, lr=1e-2, warmup_steps=0, log_every=1, ckpt_every=1, device="cpu",
-                      progress=False)
+                      progress=False, stop_at=stop_at)
     return train(model, loss_fn, batch_fn, cfg, out, resume=resume)
 
 
@@ -372,3 +372,37 @@ def test_fare_running_norm_refuses_an_empty_group_batch_clearly() -> None:
     with pytest.raises(ValueError, match="at least 2 samples"):
         loss(torch.zeros(0, 4), torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
     assert torch.equal(loss.running_mean, torch.zeros(3))  # the rejected call changed no state
+
+
+@pytest.mark.parametrize("killed_after", ["model", "optimizer"])
+def test_a_save_killed_between_its_renames_resumes_from_the_committed_checkpoint(tmp_path, monkeypatch,
+                                                                                  killed_after) -> None:
+    """A kill after the new tensor file(s) replaced the old ones but before state.json (the commit point):
+    the run resumes from the committed checkpoint, and ends with the parameters of an uninterrupted run."""
+    from clusterformers import checkpoint
+
+    _tiny_lm_run(tmp_path / "whole", steps=4)
+    run = tmp_path / "run"
+    _tiny_lm_run(run, steps=4, stop_at=2)
+    real = checkpoint.atomic_write
+
+    def dying(path, write):
+        real(path, write)
+        if path.name == {"model": checkpoint.MODEL_FILE, "optimizer": checkpoint.OPTIMIZER_FILE}[killed_after]:
+            raise KeyboardInterrupt("killed between the renames")
+
+    monkeypatch.setattr(checkpoint, "atomic_write", dying)
+    with pytest.raises(KeyboardInterrupt):
+        _tiny_lm_run(run, steps=4, resume=True)  # its step-3 save dies half-way
+    monkeypatch.setattr(checkpoint, "atomic_write", real)
+    assert (run / (checkpoint.MODEL_FILE + checkpoint.PREVIOUS)).is_file()
+    resumed = _tiny_lm_run(run, steps=4, resume=True)
+    assert resumed.step == 4 and not list(run.glob("*.prev"))
+    whole, ours = _load_params(tmp_path / "whole"), _load_params(run)
+    assert whole.keys() == ours.keys() and all(torch.equal(whole[k], ours[k]) for k in whole)
+
+
+def _load_params(run) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "checkpoint.safetensors"))

@@ -27,14 +27,23 @@ def test_reproduce_killed_at_random_points_gives_the_same_report(tmp_path: Path)
     report and the results equal an uninterrupted run's, and no temporary or lock file is left behind."""
     worker = Path(__file__).parent / "reproduce_worker.py"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    log = tmp_path / "worker.log"
 
     def start(out: Path) -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, str(worker), str(out)], env=env, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        with open(log, "w") as handle:
+            return subprocess.Popen([sys.executable, str(worker), str(out)], env=env, start_new_session=True,
+                                    stdout=subprocess.DEVNULL, stderr=handle)
+
+    def finished(proc: subprocess.Popen, timeout: float) -> bool:
+        """True once the run ended within ``timeout``, successfully (else fail with its log); a run still going
+        raises ``subprocess.TimeoutExpired``."""
+        rc = proc.wait(timeout=timeout)
+        assert rc == 0, f"the study failed (rc {rc}):\n{log.read_text()[-3000:]}"
+        return True
 
     clean = tmp_path / "clean"
     began = time.time()
-    assert start(clean).wait(timeout=300) == 0
+    assert finished(start(clean), 300)
     total = time.time() - began
     killed = tmp_path / "killed"
     rng = random.Random(0)
@@ -42,14 +51,14 @@ def test_reproduce_killed_at_random_points_gives_the_same_report(tmp_path: Path)
     for _ in range(12):
         proc = start(killed)
         try:
-            proc.wait(timeout=rng.uniform(0.3, 0.8) * total)
+            finished(proc, rng.uniform(0.3, 0.8) * total)
             break
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             kills += 1
     else:
-        assert start(killed).wait(timeout=300) == 0
+        assert finished(start(killed), 300)
     assert kills >= 2, "the study finished before it could be killed twice; the test checks nothing"
     assert (killed / "report.md").read_text() == (clean / "report.md").read_text()
     assert _without_timing(json.loads((killed / "results.json").read_text())) == _without_timing(

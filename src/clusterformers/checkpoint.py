@@ -9,8 +9,10 @@ A checkpoint is three files in a run directory:
   rank, the config.
 
 Each file is written to a temporary name, fsynced and moved into place with ``os.replace``; all three
-carry one random ``checkpoint_id``, so a checkpoint torn by a crash between the three renames, or a file
-copied from another run, is detected on load instead of being mixed. ``state.json`` also records the
+carry one random ``checkpoint_id``, so a file copied from another run is detected on load instead of being
+mixed. ``state.json`` is written last (the commit point); while a save replaces the tensor files, the
+committed ones wait as ``<name>.prev``, so a save killed between its renames resumes from the committed
+checkpoint instead of failing. ``state.json`` also records the
 SHA-256 of both tensor files (a flipped byte is refused) and a signature of the model's structure (module
 classes and settings: a softmax checkpoint does not resume into an elliptical model, although their
 parameter names agree). A missing, corrupt or mismatched file raises :class:`CheckpointError` naming the
@@ -67,6 +69,7 @@ EXTRA_PREFIX = "extra_params."
 FORMAT_VERSION = 1
 _META_STEP = "clusterformers.step"
 _META_ID = "clusterformers.checkpoint_id"
+PREVIOUS = ".prev"  # the committed tensor files while a save is replacing them
 _META_ALIASES = "clusterformers.aliases"
 
 
@@ -321,6 +324,7 @@ def write_checkpoint(out_dir: Path, model: nn.Module, step: int, optimizer: torc
     state: dict[str, Any] = {"format_version": FORMAT_VERSION, "checkpoint_id": ckpt_id, "step": step,
                              "world_size": len(rng), "config": config, "model_signature": model_signature(model),
                              "rng": rng, "optimizer": None, "sha256": {}}
+    _keep_committed(out_dir)
     atomic_write(out_dir / MODEL_FILE, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     state["sha256"][MODEL_FILE] = sha256_of(out_dir / MODEL_FILE)
     if optimizer is not None:
@@ -328,8 +332,46 @@ def write_checkpoint(out_dir: Path, model: nn.Module, step: int, optimizer: torc
         atomic_write(out_dir / OPTIMIZER_FILE, lambda tmp: save_file(opt_tensors, str(tmp), metadata=meta))
         state["sha256"][OPTIMIZER_FILE] = sha256_of(out_dir / OPTIMIZER_FILE)
     write_json(out_dir / STATE_FILE, state)  # last: the commit point
+    for name in (MODEL_FILE, OPTIMIZER_FILE):
+        (out_dir / (name + PREVIOUS)).unlink(missing_ok=True)
     logger.debug("saved checkpoint at step %d to %s", step, out_dir)
     return out_dir / MODEL_FILE
+
+
+def _file_id(path: Path) -> str | None:
+    """The ``checkpoint_id`` in a safetensors file's metadata (``None`` if absent or unreadable)."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return (f.metadata() or {}).get(_META_ID)
+    except (SafetensorError, OSError, RuntimeError, ValueError):
+        return None
+
+
+def _keep_committed(out_dir: Path) -> None:
+    """Before a save replaces the tensor files, move the committed ones (those of the current ``state.json``)
+    aside as ``<name>.prev``, so a save killed between its renames still leaves a loadable checkpoint."""
+    state_path = out_dir / STATE_FILE
+    if not state_path.is_file():
+        return
+    try:
+        committed = json.loads(state_path.read_text()).get("checkpoint_id")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return
+    for name in (MODEL_FILE, OPTIMIZER_FILE):
+        current = out_dir / name
+        if committed is not None and current.is_file() and _file_id(current) == committed:
+            os.replace(current, out_dir / (name + PREVIOUS))
+        # otherwise ``current`` is a torn save's: the committed file, if any, is already ``<name>.prev``
+
+
+def committed_file(out_dir: Path, name: str, checkpoint_id: str) -> Path:
+    """``out_dir/name``, or its ``.prev`` copy when a save was killed between its renames and only the copy
+    belongs to the committed ``state.json`` (``checkpoint_id``)."""
+    current, previous = out_dir / name, out_dir / (name + PREVIOUS)
+    if previous.is_file() and _file_id(current) != checkpoint_id and _file_id(previous) == checkpoint_id:
+        logger.warning("%s is from an interrupted save; resuming from %s, the committed one", current, previous)
+        return previous
+    return current
 
 
 def save_checkpoint(out_dir: str | Path, model: nn.Module, *, step: int = 0,
@@ -346,7 +388,7 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, *, step: int = 0,
 
 def _verify_sha256(path: Path, state: dict[str, Any], state_path: Path) -> None:
     """Compare ``path``'s SHA-256 with the one ``state.json`` recorded (checkpoints from before it had none)."""
-    expected = (state.get("sha256") or {}).get(path.name)
+    expected = (state.get("sha256") or {}).get(path.name.removesuffix(PREVIOUS))
     if expected is not None and path.is_file() and sha256_of(path) != expected:
         raise CheckpointError(f"{path}: key '<file>': its SHA-256 differs from the one in {state_path} "
                               "(the file was corrupted or replaced after it was written)")
@@ -411,8 +453,10 @@ def restore_checkpoint(model: nn.Module, path: str | Path, extra: list[Tensor],
     path = Path(path)
     model_path = path / MODEL_FILE if path.is_dir() else path
     state_path = model_path.parent / STATE_FILE
-    tensors, meta = _read_safetensors(model_path)
     state = _read_state(state_path) if optimizer is not None or state_path.is_file() else None
+    if state is not None and path.is_dir():
+        model_path = committed_file(path, MODEL_FILE, state["checkpoint_id"])
+    tensors, meta = _read_safetensors(model_path)
     if state is not None:
         if _META_ID in meta and meta[_META_ID] != state["checkpoint_id"]:
             raise CheckpointError(f"{model_path}: key 'metadata.{_META_ID}' is {meta[_META_ID]} but "
@@ -460,7 +504,8 @@ def restore_checkpoint(model: nn.Module, path: str | Path, extra: list[Tensor],
             p.copy_(tensors[key])
     if optimizer is not None:
         assert state is not None
-        _load_optimizer(optimizer, state.get("optimizer"), model_path.parent / OPTIMIZER_FILE, state_path,
+        _load_optimizer(optimizer, state.get("optimizer"),
+                        committed_file(model_path.parent, OPTIMIZER_FILE, state["checkpoint_id"]), state_path,
                         state["checkpoint_id"], state.get("sha256") or {})
     try:
         step = int(meta.get(_META_STEP, state["step"] if state else 0))
