@@ -704,7 +704,8 @@ def ref_projections(rows: list[list[float]], w: list[list[float]]) -> list[list[
 def ref_fare_weights(rows: list[list[float]], w_q: list[list[float]], w_k: list[list[float]],
                      support: list[list[int]], score: str) -> list[list[float]]:
     """``W_ij = (b−1) p_ij``, ``p_i`` the softmax over ``j ∈ S_i`` of ``q_i·k_j/ρ`` (``"dot"``) or
-    ``−‖q_i − k_j‖²/2ρ`` (``"neg_sqdist"``), ``q = W_Q ẑ``, ``k = W_K ẑ``, ``ρ = √d_k``."""
+    ``−‖q_i − k_j‖²/2ρ`` (``"neg_sqdist"``), ``q = W_Q ẑ``, ``k = W_K ẑ``, ``ρ = √d_k`` (the losses here are
+    built with ``rho=2.0`` = √4, the same value at every commit: the library's default changed to 1)."""
     b, rho = len(rows), math.sqrt(len(w_q))
     q, k = ref_projections(rows, w_q), ref_projections(rows, w_k)
     w = [[0.0] * b for _ in range(b)]
@@ -879,7 +880,7 @@ def fare_case(rng: random.Random, ctx: dict) -> Case:
     g = torch.Generator().manual_seed(seed + 9)
     w_q, w_k = torch.randn(4, 3, generator=g, dtype=wide), torch.randn(4, 3, generator=g, dtype=wide)
     z_norm = "batch" if mode == "batch" else "running"
-    loss_fn = FARELoss(3, d_k=4, score=score, z_norm=z_norm).to(wide).train(mode != "running-eval")
+    loss_fn = FARELoss(3, d_k=4, rho=2.0, score=score, z_norm=z_norm).to(wide).train(mode != "running-eval")
     with torch.no_grad():
         loss_fn.w_q.copy_(w_q)
         loss_fn.w_k.copy_(w_k)
@@ -1054,7 +1055,7 @@ def sparse_case(rng: random.Random, ctx: dict) -> Case:
     valid_config = not (impl == "sorted" and n_hashes > 1) and neighbours < n_b
 
     def make() -> SparseFARELoss:
-        loss_fn = SparseFARELoss(3, d_k=4, score=score, n_buckets=n_buckets, bucket_size=bucket_size,
+        loss_fn = SparseFARELoss(3, d_k=4, rho=2.0, score=score, n_buckets=n_buckets, bucket_size=bucket_size,
                                  neighbours=neighbours, n_hashes=n_hashes, hash_on=hash_on, impl=impl,
                                  generator=torch.Generator().manual_seed(seed)).to(wide)
         with torch.no_grad():
