@@ -119,7 +119,8 @@ def beside_committed(paper: str, sections: Sequence[Section], committed: Path) -
                   if p["verdict"] != "not resolved" else p["verdict"]) if p else ("–", "not in the committed run")
         rows.append([v["text"], "confirmatory" if v["confirmatory"] else "exploratory",
                      f"{v['mean']:+.3g} ({v['seeds']} seeds)", *theirs])
-    md = (f"This smoke run decides no claim. Its effects sit beside those of the committed powered run "
-          f"(`results/{paper}/report.md` in the repository), whose verdicts are the evidence:\n\n"
+    md = (f"This smoke run decides no claim: it has few seeds, far shorter training and settings of its own. Its "
+          f"effects sit beside those of the committed powered run (`results/{paper}/report.md` in the "
+          "repository, with that run's settings), whose verdicts are the evidence:\n\n"
           + markdown_table(["claim", "kind", "smoke run Δ", "powered run Δ [95% CI]", "powered verdict"], rows))
     return Section(f"{paper}: smoke run beside the committed results", md, [], {})
