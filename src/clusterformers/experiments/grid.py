@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import multiprocessing
-import os
 import signal
 import sys
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from clusterformers.checkpoint import write_json
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +94,6 @@ def load_cells(root: Path, study: str) -> dict[str, dict[int, dict]]:
     return out
 
 
-def _write_json(path: Path, obj: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
-
-
 def run_one(run_cell: RunCell, cell: Cell, root: Path) -> dict:
     """Run ``cell`` (unless finished) and write its result; what each worker process executes."""
     done = load_result(cell, root)
@@ -107,12 +101,12 @@ def run_one(run_cell: RunCell, cell: Cell, root: Path) -> dict:
         return done
     path = cell.path(root)
     path.mkdir(parents=True, exist_ok=True)
-    _write_json(path / "cell.json", {"study": cell.study, "arm": cell.arm, "seed": cell.seed,
-                                     "settings": cell.settings})
+    write_json(path / "cell.json", {"study": cell.study, "arm": cell.arm, "seed": cell.seed,
+                                    "settings": cell.settings})
     started = time.time()
     result = run_cell(cell, path)
     result = {**result, "cell_wall_s": time.time() - started}
-    _write_json(path / RESULT, result)
+    write_json(path / RESULT, result)
     return result
 
 
