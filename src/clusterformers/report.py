@@ -110,8 +110,8 @@ def beside_committed(paper: str, sections: Sequence[Section], committed: Path) -
     path = Path(committed) / paper / "results.json"
     if not path.exists():
         return None
-    powered = {v["claim"]: v for v in section_verdicts([Section("", "", [], r) for r in
-                                                          json.loads(path.read_text()).values()])}
+    committed_results = json.loads(path.read_text()).values()
+    powered = {v["claim"]: v for results in committed_results for v in results.get("verdicts", [])}
     rows = []
     for v in section_verdicts(sections):
         p = powered.get(v["claim"])
