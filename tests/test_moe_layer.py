@@ -3,6 +3,7 @@ state (with activation checkpointing), aux losses and bad inputs."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -123,6 +124,52 @@ def test_dropless_equals_slow_per_token_loop_with_gradients(router, ac, gated):
     for name in g_fast:
         torch.testing.assert_close(g_fast[name], g_slow[name], msg=name)
         assert g_fast[name].abs().sum() > 0, name  # every parameter gets a gradient
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("router", ["stablemoe", "ac"])
+def test_grouped_gemm_dropless_equals_the_expert_loop_and_the_slow_loop(router, gated):
+    """float32 with 16-byte rows takes the grouped GEMM; float64 the per-expert loop: same outputs and grads
+    (to float32 precision), and both equal the per-token reference. One expert gets no token."""
+    d, h, e, t = 8, 12, 5, 30
+    torch.manual_seed(3)
+    fused = MoE(d, e, K, h, router=router, gated=gated)
+    x = torch.randn(t, d).abs().requires_grad_()
+    prev = None
+    if router == "ac":
+        c = torch.randint(0, e, (t,))
+        prev = RoutingState(torch.stack([c, (c + 1) % e], 1), torch.full((t, 2), 0.5), t, e)
+    with torch.no_grad():
+        emb = fused.router.embeddings
+        emb.abs_()
+        emb[0] = -1.0  # x > 0: expert 0 scores lowest for every token, so it gets none
+    loop = copy.deepcopy(fused).double()
+    x64 = x.detach().double().requires_grad_()
+    assert fused.experts.fused_grouped(x) and not loop.experts.fused_grouped(x64)
+    y, y64 = fused(x, prev), loop(x64, prev)
+    assert int((fused.last_state.indices == 0).sum()) == 0
+    torch.testing.assert_close(y.double(), y64, atol=1e-5, rtol=1e-4)
+    g, g64 = grads(fused, x, y), grads(loop, x64, y64)
+    for name in g:
+        torch.testing.assert_close(g[name].double(), g64[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert g["experts.w_in"][0].abs().sum() == 0 and g["experts.w_in"][1:].abs().sum() > 0
+    loop_ref = slow_dropless_sized(loop, x64.detach(), prev, d, h)
+    torch.testing.assert_close(y64.detach(), loop_ref)
+
+
+def slow_dropless_sized(moe, x2, prev, d, h):
+    """``slow_dropless`` for other widths than the module constants."""
+    out = moe.router(x2, prev)
+    rows = []
+    for i in range(x2.shape[0]):
+        acc = torch.zeros(d, dtype=x2.dtype)
+        for j in range(moe.top_k):
+            e = int(out.indices[i, j])
+            a = x2[i] @ moe.experts.w_in[e]
+            a = F.silu(a[:h]) * a[h:] if moe.experts.gated else 0.5 * a * (1 + torch.erf(a / math.sqrt(2)))
+            acc = acc + out.weights[i, j] * (a @ moe.experts.w_out[e])
+        rows.append(acc)
+    return torch.stack(rows)
 
 
 @pytest.mark.parametrize("priority", ["slot", "weight"])

@@ -130,8 +130,33 @@ class Experts(nn.Module):
             return F.silu(gate) * up
         return F.gelu(a)
 
-    def grouped(self, x: Tensor, sizes: list[int]) -> Tensor:
-        """``x[N, d]`` sorted by expert with ``sizes[e]`` rows for expert e -> ``[N, d]``."""
+    def fused_grouped(self, x: Tensor) -> bool:
+        """Whether :meth:`grouped` runs as two ``torch.nn.functional.grouped_mm`` calls for ``x``: float32,
+        bfloat16 or float16 on the CPU, bfloat16 on CUDA devices of compute capability 8.0 or newer, with rows
+        of 16-byte multiples (``d`` and the hidden width divisible by 16 / element size). Otherwise it loops
+        over the experts (float64, odd widths)."""
+        if not hasattr(F, "grouped_mm") or x.dtype != self.w_in.dtype:
+            return False
+        if x.device.type == "cpu":
+            ok = x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        elif x.device.type == "cuda":
+            ok = x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) >= (8, 0)
+        else:
+            ok = False
+        step = 16 // x.element_size()
+        return ok and self.dim % step == 0 and self.hidden % step == 0
+
+    def grouped(self, x: Tensor, counts: Tensor, sizes: list[int] | None = None) -> Tensor:
+        """``x[N, d]`` sorted by expert with ``counts[e]`` (a ``[E]`` tensor) rows for expert e -> ``[N, d]``.
+
+        The fused path (see :meth:`fused_grouped`) takes the offsets from ``counts`` on the device: no host
+        sync, and its cost does not grow with E at a fixed number of rows beyond the weights it reads. The
+        loop path needs the sizes on the host: ``sizes`` (``counts.tolist()``) or one sync to get them.
+        """
+        if self.fused_grouped(x):
+            offs = counts.cumsum(0).to(torch.int32)
+            return F.grouped_mm(self._act(F.grouped_mm(x, self.w_in, offs=offs)), self.w_out, offs=offs)
+        sizes = counts.tolist() if sizes is None else sizes
         w_in, w_out = self.w_in.unbind(0), self.w_out.unbind(0)  # unbind: one stacked grad
         outs = [self._act(xe @ w_in[e]) @ w_out[e] for e, xe in enumerate(x.split(sizes)) if sizes[e] > 0]
         return torch.cat(outs) if outs else x.new_zeros(0, self.dim)
@@ -157,16 +182,18 @@ class MoE(RoutingLayer, KeepsLastForward, nn.Module):
         ac: AC preset name or ``ACConfig`` for a named router (``"ac"`` defaults to ``"lm"``).
             With ``apply_to="moe_input"`` the experts also see ``m(i) * x_i``.
         gated: SwiGLU experts.
-        capacity_factor: None for dropless dispatch (one host sync for the split sizes); else
+        capacity_factor: None for dropless dispatch (sync-free with the grouped GEMM, otherwise one host
+            sync for the split sizes); else
             ``C = ceil(cf * k * T / E)`` slots per expert, overflow assignments contribute 0 (no
             renormalisation), experts run as one padded ``[E, C, d]`` bmm with no host sync.
         priority: capacity queue order: ``"slot"`` (first choices first, then token order;
             GShard/Switch) or ``"weight"`` (per slot, tokens by descending top-1 gate weight;
             tutel's batch-prioritised routing).
         aux_coef: coefficient of ``load_balancing_loss``; z_coef: of ``router_z_loss``.
-        check_inputs: raise on NaN/inf input. ``None`` (default): in dropless mode always (the check
-            rides on the split-size sync dispatch needs anyway), in capacity mode on CPU only, so
-            capacity mode on an accelerator is sync-free; ``False``: never (``torch.compile``).
+        check_inputs: raise on NaN/inf input. ``None`` (default): on CPU always; on an accelerator only
+            where dispatch syncs anyway (the dropless per-expert loop, whose split sizes carry the flag), so
+            capacity mode and grouped-GEMM dropless mode there are sync-free; ``False``: never
+            (``torch.compile``).
 
     ``forward(x[..., d], prev=None, key_padding_mask=None, return_aux=False)`` returns ``y`` of x's shape,
     or ``(y, aux_loss)``. ``key_padding_mask`` is bool ``[...]`` with True = keep: masked tokens are left out
@@ -255,25 +282,33 @@ class MoE(RoutingLayer, KeepsLastForward, nn.Module):
         return (y, aux) if return_aux else y
 
     def _dropless(self, u: Tensor, weights: Tensor, indices: Tensor, x2: Tensor) -> Tensor:
-        """Group the T*k assignments by (expert, slot, token) with a stable sort, run each expert on its
-        segment, combine with index_add_. One host sync (split sizes, with the finiteness flag unless
-        ``check_inputs`` is False)."""
+        """Group the T*k assignments by (expert, slot, token) with a stable sort, run the experts on their
+        segments (one grouped GEMM per expert matrix where the dtype allows, see ``Experts.fused_grouped``),
+        combine with index_add_. The grouped GEMM needs no host sync; the per-expert loop needs one for the
+        split sizes, which also carries the finiteness flag unless ``check_inputs`` is False."""
         T, k = indices.shape
         E = self.num_experts
         flat = indices.t().reshape(-1)  # position p = slot * T + token
         order = torch.sort(flat, stable=True).indices
         token = order % T
         counts = torch.zeros(E, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
-        if self.check_inputs is False:
-            host = counts.tolist()
+        xs = u.index_select(0, token)
+        if self.experts.fused_grouped(xs):
+            check_finite(x2, "x", self.check_inputs)
+            ys = self.experts.grouped(xs, counts)
         else:
-            bad = (~torch.isfinite(x2).all()).long().view(1)
-            host = torch.cat([counts, bad]).tolist()
-            if host[E]:
-                raise ValueError("x: expected finite values, got NaN or inf")
-        ys = self.experts.grouped(u.index_select(0, token), host[:E])
+            host = counts.tolist() if self.check_inputs is False else self._sizes_and_check(counts, x2)
+            ys = self.experts.grouped(xs, counts, host)
         ys = ys * weights.t().reshape(-1).index_select(0, order).to(ys.dtype).unsqueeze(1)
         return ys.new_zeros(T, self.dim).index_add_(0, token, ys)
+
+    def _sizes_and_check(self, counts: Tensor, x2: Tensor) -> list[int]:
+        """The split sizes on the host, with the finiteness check of ``x2`` riding on the same sync."""
+        bad = (~torch.isfinite(x2).all()).long().view(1)
+        host = torch.cat([counts, bad]).tolist()
+        if host[-1]:
+            raise ValueError("x: expected finite values, got NaN or inf")
+        return host[:-1]
 
     def _capacity(self, u: Tensor, weights: Tensor, indices: Tensor, mask: Tensor | None) -> Tensor:
         """Queue positions from a cumsum in priority order; overflow (and masked) assignments drop."""
@@ -286,7 +321,9 @@ class MoE(RoutingLayer, KeepsLastForward, nn.Module):
             tok = torch.sort(weights[:, 0].detach(), descending=True, stable=True).indices
         experts = indices.index_select(0, tok).t().reshape(-1)  # [k*T], slot-major in priority order
         tok_seq = tok.repeat(k)
-        onehot = F.one_hot(experts, E).to(torch.int32)
+        # scatter rather than F.one_hot, which reads the indices' range on the host
+        onehot = torch.zeros(experts.numel(), E, dtype=torch.int32, device=u.device)
+        onehot.scatter_(1, experts.unsqueeze(1), 1)
         if mask is not None:
             onehot = onehot * mask.index_select(0, tok_seq).to(torch.int32).unsqueeze(1)
         pos = (onehot.cumsum(0) * onehot).sum(1) - 1  # -1 for masked assignments
