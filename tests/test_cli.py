@@ -100,16 +100,32 @@ def test_train_missing_data_is_a_clear_error(tmp_path: Path, capsys: pytest.Capt
     assert str(missing) in capsys.readouterr().err
 
 
-def test_bench_runs_every_module_in_the_bench_dir(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    (tmp_path / "common.py").write_text("")
-    (tmp_path / "attention.py").write_text(
-        "def run(quick=False, device='auto'):\n"
-        "    return [{'name': 'fake', 'ratio': 0.5, 'baseline': 'sdpa', 'shape': 'x', 'quick': quick}]\n"
-    )
-    assert cli.main(["bench", "--json", "--quick", "--only", "attention", "--bench-dir", str(tmp_path)]) == 0
-    rec = json.loads(capsys.readouterr().out.strip())
-    assert rec == {"name": "fake", "ratio": 0.5, "baseline": "sdpa", "shape": "x", "quick": True}
-    assert cli.main(["bench", "--only", "nope", "--bench-dir", str(tmp_path)]) == 2
+def test_bench_runs_the_installed_modules_at_each_thread_count_and_check_fails_on_a_miss(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The benchmarks are imported from the installed package; ``--check`` turns a missed target into exit 1."""
+    import clusterformers.bench.attention as attention
+
+    seen = []
+
+    def fake_run(quick, device, threads):
+        seen.append((quick, device.type, threads, torch.get_num_threads()))
+        met = threads == 1
+        return [{"name": "fake", "ratio": 0.5 if met else 2.0, "baseline": "sdpa", "shape": "x", "threads": threads,
+                 "target": "<=1", "met": met}]
+
+    monkeypatch.setattr(attention, "run", fake_run)
+    argv = ["bench", "--json", "--quick", "--only", "attention", "--device", "cpu", "--threads", "1,2"]
+    assert cli.main(argv) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["threads"] for r in rows] == [1, 2] and [r["met"] for r in rows] == [True, False]
+    assert seen == [(True, "cpu", 1, 1), (True, "cpu", 2, 2)]  # torch's thread count is set for each run
+    assert cli.main([*argv, "--check"]) == 1
+    assert "1 of 2 rows miss their target: fake (2 thread(s)) 2.000 vs <=1" in capsys.readouterr().err
+    assert cli.main([*argv[:-2], "--threads", "1", "--check"]) == 0
+    assert cli.main(["bench", "--only", "nope"]) == 2
+    assert "unknown benchmarks ['nope']" in capsys.readouterr().err
+    assert cli.main(["bench", "--only", "attention", "--threads", "0"]) == 2
 
 
 @pytest.mark.parametrize("level", ["byte", "word"])

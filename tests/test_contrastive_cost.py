@@ -2,7 +2,7 @@
 
 import torch
 
-from clusterformers.contrastive.cost import maxrss_increase
+from clusterformers.bench.cost import maxrss_increase
 
 
 def test_maxrss_increase_grows_with_the_batch() -> None:

@@ -541,8 +541,8 @@ def test_fare_row_blocks_equal_the_dense_loss_and_gradients(options) -> None:
 
 
 def test_fare_memory_is_linear_in_the_batch_above_1024() -> None:
+    from clusterformers.bench.cost import LiveTensorTracker
     from clusterformers.contrastive import functional as fn
-    from clusterformers.contrastive.cost import LiveTensorTracker
 
     g = torch.Generator().manual_seed(0)
     peaks = {}

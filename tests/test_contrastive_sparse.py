@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from clusterformers.bench.cost import LiveTensorTracker, loss_step, make_loss, peak_bytes
 from clusterformers.contrastive import (
     LogWeightBlocks,
     SparseFARELoss,
@@ -16,7 +17,6 @@ from clusterformers.contrastive import (
     support_mask,
     weighted_nce,
 )
-from clusterformers.contrastive.cost import LiveTensorTracker, loss_step, make_loss, peak_bytes
 from clusterformers.contrastive.diagnostics import average_ranks, weighting_diagnostics
 from clusterformers.contrastive.lsh import buckets_for_batch
 

@@ -34,7 +34,6 @@ PAPERS = {
     "acmoe": "clusterformers.experiments.acmoe",
     "fare": "clusterformers.experiments.fare",
 }
-BENCHES = ("attention", "moe", "contrastive", "integrations")
 
 
 def _out(msg: str, err: bool = False) -> None:
@@ -114,29 +113,30 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    bench_dir = Path(args.bench_dir) if args.bench_dir else Path(__file__).resolve().parents[2] / "bench"
-    if not (bench_dir / "common.py").exists():
-        _out(f"no benchmarks found in {bench_dir}: they ship with the source checkout (pass --bench-dir)", err=True)
+    from clusterformers import bench
+
+    names = args.only.split(",") if args.only else list(bench.BENCHES)
+    try:
+        threads = [int(t) for t in args.threads.split(",")]
+        rows = bench.run(names, quick=args.quick, device=args.device, threads=threads)
+    except ValueError as err:
+        _out(f"bench: {err}", err=True)
         return 2
-    sys.path.insert(0, str(bench_dir))
-    names = args.only.split(",") if args.only else list(BENCHES)
-    for name in names:
-        if name not in BENCHES:
-            _out(f"unknown benchmark {name!r}; choose from {', '.join(BENCHES)}", err=True)
-            return 2
-        if not (bench_dir / f"{name}.py").exists():
-            log.warning("benchmark %s is not present in %s; skipped", name, bench_dir)
+    for rec in rows:
+        if args.json:
+            _out(json.dumps(rec))
             continue
-        module = importlib.import_module(name)
-        for rec in module.run(quick=args.quick, device=args.device):
-            if args.json:
-                _out(json.dumps(rec))
-            else:
-                extra = {k: v for k, v in rec.items() if k not in ("name", "ratio", "baseline", "shape")}
-                ratio = rec.get("ratio")
-                ratio_s = f"{ratio:7.3f}×" if isinstance(ratio, float) else f"{ratio!s:>8}"
-                _out(f"{rec['name']:<44} {ratio_s} vs {rec.get('baseline', '-'):<24} {rec.get('shape', '')} "
-                     f"{json.dumps(extra, default=str)}")
+        ratio = rec.get("ratio")
+        ratio_s = f"{ratio:7.3f}×" if isinstance(ratio, float) else f"{ratio!s:>8}"
+        verdict = "" if "met" not in rec else f"target {rec['target']}: {'met' if rec['met'] else 'MISSED'}"
+        _out(f"{rec['name']:<32} {ratio_s} vs {rec.get('baseline', '-'):<32} threads {rec.get('threads', '-')} "
+             f"{verdict:<22} {rec.get('shape', rec.get('skipped', ''))}")
+    misses = bench.missed(rows)
+    if args.check and misses:
+        _out(f"{len(misses)} of {len(rows)} rows miss their target: "
+             + ", ".join(f"{r['name']} ({r['threads']} thread(s)) {r['ratio']:.3f} vs {r['target']}" for r in misses),
+             err=True)
+        return 1
     return 0
 
 
@@ -210,9 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="speed ratios against baselines measured in the same process")
     b.add_argument("--json", action="store_true", help="one JSON object per line")
     b.add_argument("--quick", action="store_true", help="fewer repetitions and sizes")
-    b.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(BENCHES)}")
+    b.add_argument("--only", default=None, help="comma-separated subset of attention,moe,contrastive,integrations")
     b.add_argument("--device", default="auto")
-    b.add_argument("--bench-dir", default=None, help="folder holding the bench/*.py files")
+    b.add_argument("--threads", default="1,2", help="comma-separated torch thread counts, each run in turn (CPU)")
+    b.add_argument("--check", action="store_true", help="exit 1 when a row misses its target")
     b.set_defaults(func=cmd_bench)
     return p
 

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from clusterformers.bench.cost import cost_curve
 from clusterformers.contrastive import (
     CCLKLoss,
     ContrastiveLoss,
@@ -45,7 +46,6 @@ from clusterformers.contrastive import (
     KMeansDiscretizer,
     SparseFARELoss,
 )
-from clusterformers.contrastive.cost import cost_curve
 from clusterformers.data.colormnist import ColorMNIST, color_digits, color_mnist5k, eval_transform, train_transform
 from clusterformers.data.images import stratified_split
 from clusterformers.experiments.common import epoch_batch_fn

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from clusterformers.contrastive.cost import loglog_slope
+from clusterformers.bench.cost import loglog_slope
 from clusterformers.experiments.claims import Claim, decide, verdict_json, verdict_table, without_items
 from clusterformers.experiments.fare import ACCURACY_MARGIN, DIAGNOSTIC_KEYS, FareConfig
 from clusterformers.report import Section, fmt, mean_std

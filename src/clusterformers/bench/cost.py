@@ -1,5 +1,5 @@
 """Time and memory of the losses versus batch size (the cost study of ``docs/fare.md``), shared by
-``bench/contrastive.py``.
+:mod:`clusterformers.bench.contrastive`.
 
 Peak memory is the peak of live tensor bytes during one loss forward+backward: on CUDA from
 ``torch.cuda.max_memory_allocated``, elsewhere from :class:`LiveTensorTracker`, a ``TorchDispatchMode`` that
@@ -180,7 +180,7 @@ def median_time(step: Callable[[], None], device: torch.device | str, reps: int,
 
 _RSS_SCRIPT = """
 import json, resource, sys, torch
-from clusterformers.contrastive.cost import loss_step, make_loss
+from clusterformers.bench.cost import loss_step, make_loss
 
 
 def peak_kib():

@@ -1,11 +1,11 @@
-"""Timing helpers shared by the benchmarks: median wall time and ratio records."""
+"""Timing helpers shared by the benchmarks: median wall time, interleaved variants, ratio records."""
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -48,17 +48,15 @@ def interleaved(steps: dict[str, Callable[[], object]], warmup: int, reps: int, 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def record(name: str, ours: float, baseline: float, baseline_name: str, shape: str, **extra: object) -> dict:
-    """One benchmark row: ``ratio`` is ours / baseline (lower is better)."""
-    return {
-        "name": name,
-        "ratio": ours / baseline,
-        "ours_s": ours,
-        "baseline_s": baseline,
-        "baseline": baseline_name,
-        "shape": shape,
-        **extra,
-    }
+def record(name: str, ours: float, baseline: float, baseline_name: str, shape: str, target: float | None = None,
+           **extra: object) -> dict:
+    """One benchmark row: ``ratio`` is ours / baseline (lower is better); with a ``target``, the row holds
+    ``target`` (``"<=x"``) and ``met`` (``ratio <= target``)."""
+    row = {"name": name, "ratio": ours / baseline, "ours_s": ours, "baseline_s": baseline,
+           "baseline": baseline_name, "shape": shape}
+    if target is not None:
+        row.update(target=f"<={target:.4g}", met=ours / baseline <= target)
+    return {**row, **extra}
 
 
 def device_of(device: str) -> torch.device:
@@ -68,11 +66,12 @@ def device_of(device: str) -> torch.device:
     return torch.device(device)
 
 
-def parse_args(doc: str, quick_help: str = "fewer repetitions") -> argparse.Namespace:
-    """The options every benchmark script takes: ``--quick``, ``--device``, ``--threads``, ``--json``."""
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help=quick_help)
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default min(8, cores))")
-    parser.add_argument("--json", action="store_true", help="one JSON object per line")
-    return parser.parse_args()
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` inside the block, restored after it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

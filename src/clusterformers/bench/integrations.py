@@ -1,32 +1,34 @@
 """What the drop-in integrations cost: time per training step and per decoding step against the plain model.
 
 Each row is ours ÷ the same model without our layer, in the same process, the variants alternating run by
-run (``bench/common.py``):
+run (``common.interleaved``):
 
 - ``hf_llama_elliptical_train`` / ``_decode``: a small Llama with ``attn_implementation="elliptical"`` vs
   ``"sdpa"`` (same weights); one forward + backward on a batch, and one decoding step with a 127-token
   cache.
 - ``hf_mixtral_ac_train``: a small Mixtral after ``use_ac_router`` (running statistics) vs the plain model.
-- ``lm_ac_running_train``: our ``TransformerLM`` with AC routing on running statistics (the causal default)
-  vs the papers' batch statistics: the time cost of the causal choice.
+- ``lm_elliptical_train``: a training step of our elliptical ``TransformerLM`` vs the softmax one (target
+  <= 1/0.98: at least 98% of the tokens/s).
+- ``lm_moe_ac_train``: our MoE ``TransformerLM`` with causal AC routing (running statistics) vs the same
+  model with ``stablemoe`` (M = I) (target <= 1/0.99).
+- ``lm_ac_running_train``: AC routing on running statistics (the causal default) vs the papers' batch
+  statistics: the time cost of the causal choice.
 - ``lm_elliptical_decode``: one cached decoding step of our elliptical ``TransformerLM`` (running metric
   sums in the cache) vs the softmax one, at a 127-token cache.
 
-Skipped with a record saying why when transformers is absent. The timm adapter is measured by its tests'
-environment (``make test-timm``). Run ``python bench/integrations.py [--quick] [--device ...] [--json]``.
+The Hugging Face rows are skipped, with a row saying why, when transformers is absent. The timm adapter is
+measured by its tests' environment (``make test-timm``). ``clusterformers bench --only integrations`` runs it.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import os
 from collections.abc import Callable
 
 import torch
-from common import device_of, interleaved, parse_args, record  # bench/common.py: the script's folder is on sys.path
 
 from clusterformers.attention import KVCache
+from clusterformers.bench.common import interleaved, record
 from clusterformers.models.transformer import TransformerLM, TransformerLMConfig
 
 VOCAB, BATCH, SEQ, HIDDEN, LAYERS = 1000, 8, 128, 256, 4
@@ -98,28 +100,35 @@ def hf_rows(dev: torch.device, warmup: int, reps: int, extra: dict) -> list[dict
     return rows
 
 
+def _lm(dev: torch.device, **kwargs) -> TransformerLM:
+    torch.manual_seed(0)
+    cfg = TransformerLMConfig(vocab_size=VOCAB, context=SEQ, dim=HIDDEN, depth=LAYERS, num_heads=8, dropout=0.0,
+                              **kwargs)
+    return TransformerLM(cfg).to(dev)
+
+
 def lm_rows(dev: torch.device, warmup: int, reps: int, extra: dict) -> list[dict]:
-    def lm(stats: str) -> TransformerLM:
-        torch.manual_seed(0)
-        cfg = TransformerLMConfig(vocab_size=VOCAB, context=SEQ, dim=HIDDEN, depth=LAYERS, num_heads=8, dropout=0.0,
-                                  ffn="moe", ffn_kwargs={"router": "ac", "ac": {"preset": "lm", "stats": stats}})
-        return TransformerLM(cfg).to(dev)
+    def moe(router: str, stats: str = "running") -> TransformerLM:
+        ac = {"ac": {"preset": "lm", "stats": stats}} if router == "ac" else {}
+        return _lm(dev, ffn="moe", ffn_kwargs={"router": router, **ac})
 
-    running, batch = lm("running"), lm("batch")
     idx = torch.randint(0, VOCAB, (BATCH, SEQ), device=dev)
-    t = interleaved({"ours": _train_step(running, idx, False), "plain": _train_step(batch, idx, False)}, warmup,
-                    reps, dev)
-    rows = [record("lm_ac_running_train", t["ours"], t["plain"], "AC batch statistics",
-                   f"TransformerLM d={HIDDEN} L={LAYERS} E=8 k=2 B={BATCH} N={SEQ}", **extra)]
-
-    def dense(attention: str) -> TransformerLM:
-        torch.manual_seed(0)
-        cfg = TransformerLMConfig(vocab_size=VOCAB, context=SEQ, dim=HIDDEN, depth=LAYERS, num_heads=8, dropout=0.0,
-                                  attention=attention)
-        return TransformerLM(cfg).to(dev).eval()
-
-    t = interleaved({"ours": _lm_decode_step(dense("elliptical"), idx),
-                     "plain": _lm_decode_step(dense("softmax"), idx)}, warmup, reps, dev)
+    dense_shape = f"TransformerLM d={HIDDEN} L={LAYERS} B={BATCH} N={SEQ}"
+    moe_shape = f"TransformerLM d={HIDDEN} L={LAYERS} E=8 k=2 B={BATCH} N={SEQ}"
+    rows = []
+    for name, ours, plain, base_name, shape, target in (
+        ("lm_elliptical_train", _lm(dev, attention="elliptical"), _lm(dev), "softmax attention", dense_shape,
+         1 / 0.98),
+        ("lm_moe_ac_train", moe("ac"), moe("stablemoe"), "stablemoe (M = I)", moe_shape, 1 / 0.99),
+        ("lm_ac_running_train", moe("ac"), moe("ac", "batch"), "AC batch statistics", moe_shape, None),
+    ):
+        t = interleaved({"ours": _train_step(ours, idx, False), "plain": _train_step(plain, idx, False)}, warmup,
+                        reps, dev)
+        rows.append(record(name, t["ours"], t["plain"], base_name, shape, target,
+                           tokens_per_s=BATCH * SEQ / t["ours"], baseline_tokens_per_s=BATCH * SEQ / t["plain"],
+                           **extra))
+    t = interleaved({"ours": _lm_decode_step(_lm(dev, attention="elliptical").eval(), idx),
+                     "plain": _lm_decode_step(_lm(dev).eval(), idx)}, warmup, reps, dev)
     rows.append(record("lm_elliptical_decode", t["ours"], t["plain"], "softmax attention",
                        f"TransformerLM d={HIDDEN} L={LAYERS} B={BATCH} cache {SEQ - 1}", **extra))
     return rows
@@ -141,29 +150,8 @@ def _lm_decode_step(model: TransformerLM, idx: torch.Tensor) -> Callable[[], Non
     return step
 
 
-def run(quick: bool = False, device: str = "auto", threads: int | None = None) -> list[dict]:
-    """Integration-cost records (``bench/common.record`` + ``device``, ``threads``, ``reps``)."""
-    dev = device_of(device)
-    threads = threads or min(8, os.cpu_count() or 1)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        warmup, reps = (1, 3) if quick else (3, 10)
-        extra = {"threads": threads, "device": str(dev), "reps": reps}
-        return [*hf_rows(dev, warmup, reps, extra), *lm_rows(dev, warmup, reps, extra)]
-    finally:
-        torch.set_num_threads(previous)
-
-
-def main() -> None:
-    args = parse_args(__doc__)
-    for row in run(quick=args.quick, device=args.device, threads=args.threads):
-        if args.json or "skipped" in row:
-            print(json.dumps(row))
-        else:
-            print(f"{row['name']:<30}{row['ratio']:7.3f}×  {1e3 * row['ours_s']:9.1f} ms vs "
-                  f"{1e3 * row['baseline_s']:9.1f} ms ({row['baseline']}; {row['shape']})")
-
-
-if __name__ == "__main__":
-    main()
+def run(quick: bool, device: torch.device, threads: int) -> list[dict]:
+    """Integration-cost records (``common.record`` + ``device``, ``threads``, ``reps``)."""
+    warmup, reps = (1, 3) if quick else (3, 10)
+    extra = {"threads": threads, "device": str(device), "reps": reps}
+    return [*hf_rows(device, warmup, reps, extra), *lm_rows(device, warmup, reps, extra)]

@@ -1,0 +1,47 @@
+"""Benchmarks: speed and memory ratios against baselines run in the same process.
+
+Each module (``attention``, ``moe``, ``contrastive``, ``integrations``) has ``run(quick, device, threads)``
+returning rows of :func:`~clusterformers.bench.common.record`: ``ratio`` = ours / baseline (lower is better),
+and where the row has a bound, ``target`` and ``met``. :func:`run` runs the chosen modules at each thread
+count; ``clusterformers bench`` prints the rows (``--json``: one object per line) and with ``--check`` exits
+non-zero when a row misses its target.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+from clusterformers.bench.common import device_of, torch_threads
+
+__all__ = ["BENCHES", "missed", "run"]
+
+log = logging.getLogger(__name__)
+
+BENCHES = ("attention", "moe", "contrastive", "integrations")
+
+
+def run(names: list[str] | tuple[str, ...] = BENCHES, *, quick: bool = False, device: str = "auto",
+        threads: list[int] | tuple[int, ...] = (1, 2)) -> list[dict]:
+    """The rows of the benchmarks ``names``, each run once per entry of ``threads`` (torch intra-op threads;
+    on CUDA only the first entry is used: the host thread count does not change the kernels)."""
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        raise ValueError(f"names: unknown benchmarks {unknown}; choose from {', '.join(BENCHES)}")
+    if not threads or any(t < 1 for t in threads):
+        raise ValueError(f"threads: expected positive thread counts, got {list(threads)}")
+    dev = device_of(device)
+    counts = list(threads[:1]) if dev.type == "cuda" else list(threads)
+    rows = []
+    for name in names:
+        module = importlib.import_module(f"clusterformers.bench.{name}")
+        for n in counts:
+            log.info("benchmark %s on %s, %d thread(s)", name, dev, n)
+            with torch_threads(n):
+                rows += module.run(quick, dev, n)
+    return rows
+
+
+def missed(rows: list[dict]) -> list[dict]:
+    """The rows that carry a target and miss it."""
+    return [r for r in rows if r.get("met") is False]
