@@ -24,7 +24,6 @@ import math
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from clusterformers.contrastive.diagnostics import weighting_diagnostics
 from clusterformers.contrastive.inputs import (
@@ -37,7 +36,13 @@ from clusterformers.contrastive.inputs import (
 from clusterformers.contrastive.kernels import sensitive_kernel
 from clusterformers.contrastive.lsh import buckets_for_batch, build_block_plan, draw_rotations, hash_buckets, tile_size
 from clusterformers.contrastive.lsh import support_mask as lsh_support_mask
-from clusterformers.contrastive.nce import LogWeightBlocks, segment_logsumexp, weighted_nce, weighted_nce_rows
+from clusterformers.contrastive.nce import (
+    LogWeightBlocks,
+    blockwise_nce,
+    chunk_rows,
+    segment_logsumexp,
+    weighted_nce,
+)
 
 DIAG_ROWS = 512
 SCORES = ("dot", "neg_sqdist")
@@ -80,6 +85,7 @@ def info_nce(
     symmetric: bool = True,
     check_inputs: bool = True,
     return_stats: bool = False,
+    chunk_size: int | str | None = "auto",
 ) -> Tensor | tuple[Tensor, dict[str, float]]:
     """InfoNCE / NT-Xent: ``W_ij = 1`` (``2b − 2`` negatives per anchor with ``negatives="both"``).
 
@@ -88,12 +94,28 @@ def info_nce(
         temperature, negatives, symmetric: see :func:`~.nce.weighted_nce`.
         check_inputs: raise on NaN/Inf.
         return_stats: also return the stats dict.
+        chunk_size: anchors per row block (memory ``O(chunk_size · b)``, see :func:`~.nce.blockwise_nce`);
+            ``"auto"``: dense up to ``b = 1024``, blocks of 512 above; ``None``: always dense.
     """
     z1, z2 = check_embeddings(z1, z2, check_inputs)
     b = z1.shape[0]
-    log_w = torch.zeros(b, b, dtype=z1.dtype, device=z1.device).fill_diagonal_(_NEG_INF)
     nce = {"temperature": temperature, "negatives": negatives, "symmetric": symmetric}
-    return _finish(z1, z2, log_w, nce, return_stats, {"support": float(b - 1), "empty_rows": 0.0})
+    stats = {"support": float(b - 1), "empty_rows": 0.0}
+
+    def rows(start: int, stop: int) -> Tensor:
+        return _mask_diagonal(torch.zeros(stop - start, b, dtype=z1.dtype, device=z1.device), start)
+
+    chunk = chunk_rows(chunk_size, b)
+    if chunk < b:
+        loss = blockwise_nce(z1, z2, rows, (), chunk, **nce)
+        return (loss, {"loss": float(loss.detach()), **stats}) if return_stats else loss
+    return _finish(z1, z2, rows(0, b), nce, return_stats, stats)
+
+
+def _mask_diagonal(log_w: Tensor, start: int) -> Tensor:
+    """``log_w[r, start + r] = -inf``: the anchors' self pairs in the row block starting at ``start``."""
+    log_w.diagonal(offset=start).fill_(_NEG_INF)
+    return log_w
 
 
 def fair_info_nce(
@@ -108,6 +130,7 @@ def fair_info_nce(
     check_inputs: bool = True,
     return_stats: bool = False,
     diagnostics: bool = True,
+    chunk_size: int | str | None = "auto",
 ) -> Tensor | tuple[Tensor, dict[str, float]]:
     """Fair-InfoNCE: negatives only from the anchor's group, ``W_ij = 1[g_i = g_j]``.
 
@@ -117,6 +140,7 @@ def fair_info_nce(
         discretizer: a fitted, batch-independent callable float ``[b, s]`` → long ``[b]``
             (:class:`~.discretize.KMeansDiscretizer`, :class:`~.discretize.GridDiscretizer`); required for
             a float attribute.
+        chunk_size: anchors per row block, as :func:`info_nce`.
 
     An anchor alone in its group has no negatives: ``ℓ = 0``, zero gradient (``stats["empty_rows"]``).
     """
@@ -141,15 +165,31 @@ def fair_info_nce(
             raise TypeError(f"the discretizer must map sensitive to integer groups [b] = [{b}], got {got}")
     else:
         groups = sens
-    same = groups[:, None] == groups[None, :]
-    same.fill_diagonal_(False)
-    log_w = torch.zeros(b, b, dtype=z1.dtype, device=z1.device).masked_fill(~same, _NEG_INF)
     nce = {"temperature": temperature, "negatives": negatives, "symmetric": symmetric}
-    stats = {}
-    if return_stats:
-        dist_z = sens if sens.is_floating_point() else group_indicator(groups, z1.dtype)
-        stats = _dense_stats(log_w, dist_z, diagnostics)
-    return _finish(z1, z2, log_w, nce, return_stats, stats)
+
+    def rows(groups: Tensor, start: int, stop: int) -> Tensor:
+        log_w = torch.zeros(stop - start, b, dtype=z1.dtype, device=z1.device)
+        return _mask_diagonal(log_w.masked_fill(groups[start:stop, None] != groups[None, :], _NEG_INF), start)
+
+    chunk = chunk_rows(chunk_size, b)
+    dist_z = (sens if sens.is_floating_point() else group_indicator(groups, z1.dtype)) if return_stats else None
+    if chunk == b:
+        log_w = rows(groups, 0, b)
+        return _finish(z1, z2, log_w, nce, return_stats, _dense_stats(log_w, dist_z, diagnostics) if return_stats
+                       else {})
+    loss = blockwise_nce(z1, z2, rows, (groups,), chunk, **nce)
+    if not return_stats:
+        return loss
+    with torch.no_grad():
+        _, inverse, counts = torch.unique(groups, return_inverse=True, return_counts=True)
+        support = counts.index_select(0, inverse) - 1
+        stats = {"support": float(support.double().mean()), "empty_rows": float((support == 0).sum())}
+        if diagnostics:
+            r = min(b, DIAG_ROWS)
+            not_self = ~torch.eye(b, dtype=torch.bool, device=z1.device)[:r]
+            dist = torch.cdist(dist_z[:r].double(), dist_z.double())
+            stats.update(weighting_diagnostics(rows(groups, 0, r).exp(), dist, not_self))
+    return loss, {"loss": float(loss.detach()), **stats}
 
 
 @torch.no_grad()
@@ -313,7 +353,7 @@ def fare(
     zhat, _ = _attribute(sensitive, w_q, b, z1.device, check_inputs, z_norm)
     q, k, rho = _projections(zhat, w_q, w_k, rho, score, dtype)
     nce = {"temperature": temperature, "negatives": negatives, "symmetric": symmetric}
-    chunk = _chunk_rows(chunk_size, b)
+    chunk = chunk_rows(chunk_size, b)
     if chunk < b:
         return _fare_chunked(z1, z2, zhat, q, k, rho, score, neg_scale, mask_self, nce, chunk, return_stats,
                              diagnostics)
@@ -323,20 +363,6 @@ def fare(
         stats = _dense_stats(log_w.detach(), zhat, diagnostics)
         stats["fallback_rows"] = 0.0
     return _finish(z1, z2, log_w, nce, return_stats, stats)
-
-
-CHUNK_AUTO_DENSE = 1024  # "auto": dense up to this batch size,
-CHUNK_AUTO_ROWS = 512  # and row blocks of this many anchors above it (b = 8192: 0.24 GiB instead of 3.8 GiB)
-
-
-def _chunk_rows(chunk_size: int | str | None, b: int) -> int:
-    if chunk_size is None:
-        return b
-    if chunk_size == "auto":
-        return b if b <= CHUNK_AUTO_DENSE else CHUNK_AUTO_ROWS
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, 'auto' or None (dense), got {chunk_size!r}")
-    return min(chunk_size, b)
 
 
 def _fare_log_weights(q: Tensor, k: Tensor, rho: float, score: str, neg_scale: str, mask_self: bool, start: int,
@@ -353,22 +379,13 @@ def _fare_log_weights(q: Tensor, k: Tensor, rho: float, score: str, neg_scale: s
 def _fare_chunked(z1: Tensor, z2: Tensor, zhat: Tensor, q: Tensor, k: Tensor, rho: float, score: str,
                   neg_scale: str, mask_self: bool, nce: dict, chunk: int, return_stats: bool, diagnostics: bool
                   ) -> Tensor | tuple[Tensor, dict[str, float]]:
-    """FARE over row blocks of ``chunk`` anchors, each recomputed in the backward pass (activation
-    checkpointing), so memory grows as ``chunk · b`` instead of ``b²``; the loss equals the dense one."""
+    """FARE through :func:`~.nce.blockwise_nce`: memory grows as ``chunk · b`` instead of ``b²``."""
     b = z1.shape[0]
-    keys = torch.arange(b, device=z1.device)[None]
 
-    def block_rows(z1: Tensor, z2: Tensor, q: Tensor, k: Tensor, start: int, stop: int) -> Tensor:
-        log_w = _fare_log_weights(q, k, rho, score, neg_scale, mask_self, start, stop)
-        query = torch.arange(start, stop, device=z1.device)[None]
-        return weighted_nce_rows(z1, z2, LogWeightBlocks(query, keys, log_w[None]), **nce)
+    def rows(q: Tensor, k: Tensor, start: int, stop: int) -> Tensor:
+        return _fare_log_weights(q, k, rho, score, neg_scale, mask_self, start, stop)
 
-    rows = None
-    for start in range(0, b, chunk):
-        stop = min(b, start + chunk)
-        part = checkpoint(block_rows, z1, z2, q, k, start, stop, use_reentrant=False)
-        rows = part if rows is None else rows + part  # anchors outside the block contribute exactly 0
-    loss = rows.mean()
+    loss = blockwise_nce(z1, z2, rows, (q, k), chunk, **nce)
     if not return_stats:
         return loss
     with torch.no_grad():

@@ -159,7 +159,8 @@ def _gather_batch(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 
 class InfoNCELoss(ContrastiveLoss):
     """InfoNCE / NT-Xent (SimCLR). ``forward(z1, z2, sensitive=None, return_stats=False)``; ``sensitive`` is
-    accepted for a uniform signature and ignored."""
+    accepted for a uniform signature and ignored. Above ``b = 1024`` it runs in row blocks (memory linear in
+    ``b``, see :func:`~.nce.blockwise_nce`), as Fair-InfoNCE and FARE do."""
 
     def forward(self, z1: Tensor, z2: Tensor, sensitive: Tensor | None = None, *, return_stats: bool = False) -> Output:
         return self._run(z1, z2, return_stats=return_stats)
