@@ -1,12 +1,14 @@
 """Mixture-of-experts layers and routers, with the Adaptive Clustering (AC) router.
 
 Imports only torch. See ``routers`` (top-k routers and ``RoutingState``), ``adaptive`` (the AC
-transform), ``layer`` (``MoE``), ``soft`` (``SoftMoE``) and ``losses``.
+transform), ``layer`` (``MoE``), ``soft`` (``SoftMoE``), ``losses`` and ``parallel`` (expert parallelism
+on ``torch.distributed``).
 """
 
 from .adaptive import ACConfig, ACStats, AdaptiveMetric, adaptive_metric
 from .layer import Experts, MoE, expert_capacity
 from .losses import load_balancing_loss, router_z_loss, total_aux_loss
+from .parallel import ShardedExperts, expert_parallel, expert_parameter_names
 from .routers import (
     ROUTERS,
     ACRouter,
@@ -33,6 +35,7 @@ __all__ = [
     "Router",
     "RouterOutput",
     "RoutingState",
+    "ShardedExperts",
     "SoftMoE",
     "StableMoERouter",
     "TopKRouter",
@@ -40,6 +43,8 @@ __all__ = [
     "adaptive_metric",
     "build_router",
     "expert_capacity",
+    "expert_parallel",
+    "expert_parameter_names",
     "load_balancing_loss",
     "router_z_loss",
     "total_aux_loss",

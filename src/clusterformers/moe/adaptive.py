@@ -144,9 +144,9 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _all_reduce(t: Tensor, sync: bool) -> Tensor:
+def _all_reduce(t: Tensor, sync: bool, group: object | None = None) -> Tensor:
     if sync and dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=group)
     return t
 
 
@@ -158,6 +158,7 @@ def _segment_sums(
     key_padding_mask: Tensor | None,
     sync_stats: bool,
     expert_ids: Tensor | None = None,
+    group: object | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dev_sums[E, d], denom[E, 1] = max(count, 1), counts[E])`` in the statistics dtype.
 
@@ -175,12 +176,12 @@ def _segment_sums(
     with torch.autocast(device_type=x.device.type, enabled=False):
         sums, counts = onehot_t @ x, onehot_t.sum(1)
         if sync_stats:
-            both = _all_reduce(torch.cat([sums, counts.unsqueeze(1)], dim=1), sync_stats)
+            both = _all_reduce(torch.cat([sums, counts.unsqueeze(1)], dim=1), sync_stats, group)
             sums, counts = both[:, :d], both[:, d]
         denom = counts.clamp_min(1).unsqueeze(1)
         dev = x - (sums / denom).index_select(0, c)
         dev = dev.abs_() if dispersion == "mad" else dev.square_()
-        dev_sums = _all_reduce(onehot_t @ dev, sync_stats)
+        dev_sums = _all_reduce(onehot_t @ dev, sync_stats, group)
     return dev_sums, denom, counts
 
 
@@ -325,6 +326,7 @@ class AdaptiveMetric(nn.Module):
         self.dim = dim
         self.config = config
         self.deferred_commit = False
+        self.sync_group: object | None = None  # the process group of sync_stats (None: the default group)
         self.register_buffer("expert_ids", torch.arange(num_experts), persistent=False)
         if config.stats != "batch":
             self.register_buffer("running_dispersion", torch.zeros(num_experts, dim))
@@ -345,7 +347,7 @@ class AdaptiveMetric(nn.Module):
         if self.training or cfg.stats == "batch":
             dev_sums, denom, counts = _segment_sums(
                 h, indices[:, 0], self.num_experts, cfg.dispersion, key_padding_mask, cfg.sync_stats,
-                self.expert_ids,
+                self.expert_ids, self.sync_group,
             )
             valid = counts >= cfg.min_count if cfg.mask_invalid else torch.ones_like(counts, dtype=torch.bool)
             s = dev_sums / denom

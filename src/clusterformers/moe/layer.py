@@ -314,29 +314,47 @@ class MoE(RoutingLayer, KeepsLastForward, nn.Module):
         """Queue positions from a cumsum in priority order; overflow (and masked) assignments drop."""
         T, k = indices.shape
         E, d = self.num_experts, self.dim
-        C = expert_capacity(self.capacity_factor, k, T, E)
-        if self.priority == "slot":
-            tok = torch.arange(T, device=u.device)
-        else:
-            tok = torch.sort(weights[:, 0].detach(), descending=True, stable=True).indices
-        experts = indices.index_select(0, tok).t().reshape(-1)  # [k*T], slot-major in priority order
-        tok_seq = tok.repeat(k)
-        # scatter rather than F.one_hot, which reads the indices' range on the host
-        onehot = torch.zeros(experts.numel(), E, dtype=torch.int32, device=u.device)
-        onehot.scatter_(1, experts.unsqueeze(1), 1)
-        if mask is not None:
-            onehot = onehot * mask.index_select(0, tok_seq).to(torch.int32).unsqueeze(1)
-        pos = (onehot.cumsum(0) * onehot).sum(1) - 1  # -1 for masked assignments
-        kept = (pos >= 0) & (pos < C)
-        dest = torch.where(kept, experts * C + pos, E * C)  # row E*C is a sink
-        buf = u.new_zeros(E * C + 1, d).index_add_(0, dest, u.index_select(0, tok_seq))
+        dest, C = self._queue(weights.detach(), indices, mask)  # [k, T]
+        kept = dest < E * C
+        buf = u.new_zeros(E * C + 1, d).index_add_(0, dest.reshape(-1), u.repeat(k, 1))
         ybuf = self.experts.padded(buf[: E * C].view(E, C, d)).reshape(E * C, d)
         ybuf = torch.cat([ybuf, ybuf.new_zeros(1, d)])
-        w_seq = weights.index_select(0, tok).t().reshape(-1) * kept
-        ys = ybuf.index_select(0, dest) * w_seq.to(ybuf.dtype).unsqueeze(1)
-        return ys.new_zeros(T, d).index_add_(0, tok_seq, ys)
+        w_seq = (weights.t() * kept).reshape(-1)
+        ys = ybuf.index_select(0, dest.reshape(-1)) * w_seq.to(ybuf.dtype).unsqueeze(1)
+        return ys.view(k, T, d).sum(0)
+
+    def _queue(self, weights: Tensor, indices: Tensor, mask: Tensor | None) -> tuple[Tensor, int]:
+        """``(dest[k, T], C)``: the buffer row ``e * C + position`` of each (slot, token) assignment, or the
+        sink row ``E * C`` where it overflows (or the token is masked). Sharded experts queue the routing of
+        the whole group, so capacities and drops are those of the concatenated batch."""
+        gather = getattr(self.experts, "gather_routing", None)
+        local, offset = indices.shape[0], 0
+        if gather is not None:
+            weights, indices, mask, offset = gather(weights, indices, mask)
+        T, k = indices.shape
+        E = self.num_experts
+        C = expert_capacity(self.capacity_factor, k, T, E)
+        if self.priority == "slot":
+            tok = torch.arange(T, device=indices.device)
+        else:
+            tok = torch.sort(weights[:, 0], descending=True, stable=True).indices
+        experts = indices.index_select(0, tok).t().reshape(-1)  # [k*T], slot-major in priority order
+        # scatter rather than F.one_hot, which reads the indices' range on the host
+        onehot = torch.zeros(experts.numel(), E, dtype=torch.int32, device=indices.device)
+        onehot.scatter_(1, experts.unsqueeze(1), 1)
+        if mask is not None:
+            onehot = onehot * mask.index_select(0, tok.repeat(k)).to(torch.int32).unsqueeze(1)
+        pos = (onehot.cumsum(0) * onehot).sum(1) - 1  # -1 for masked assignments
+        dest = torch.where((pos >= 0) & (pos < C), experts * C + pos, E * C).view(k, T)
+        natural = torch.empty_like(dest).index_copy_(1, tok, dest)  # back to token order
+        if gather is not None:
+            natural = natural[:, offset : offset + local]
+        return natural, C
 
     def _aux(self, logits: Tensor, mask: Tensor | None) -> Tensor:
+        group_aux = getattr(self.experts, "group_aux", None)  # sharded experts: over the group's batch
+        if group_aux is not None:
+            return group_aux(self, logits, mask)
         aux = logits.new_zeros(())
         if self.aux_coef:
             aux = aux + self.aux_coef * load_balancing_loss(logits, self.num_experts, self.top_k, mask,
