@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -154,6 +155,31 @@ def model_signature(model: nn.Module) -> str:
     parts = [f"{name}:{type(m).__module__}.{type(m).__qualname__}({m.extra_repr()})"
              for name, m in unwrap_model(model).named_modules()]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def sharded_parameters(model: nn.Module) -> dict[str, nn.Module]:
+    """State-dict key -> owning module, for the parameters that each rank holds a slice of (modules with
+    ``gather_param`` / ``shard_param``, such as expert-parallel experts)."""
+    return {f"{prefix}.{name}" if prefix else name: module
+            for prefix, module in unwrap_model(model).named_modules() if hasattr(module, "shard_param")
+            for name, _ in module.named_parameters(recurse=False)}
+
+
+def gather_sharded(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Tensor]:
+    """The whole-group values of the sharded parameters and of their optimizer state, keyed as the files
+    store them (``<param key>`` and ``state.<i>.<name>``). A collective: every rank must call it."""
+    owners = sharded_parameters(model)
+    params = dict(unwrap_model(model).named_parameters())
+    out = {key: owner.gather_param(params[key]) for key, owner in owners.items()}
+    if optimizer is not None:
+        by_id = {id(params[key]): owner for key, owner in owners.items()}
+        flat = [q for g in optimizer.param_groups for q in g["params"]]
+        for idx, q in enumerate(flat):
+            owner = by_id.get(id(q))
+            for name, v in (optimizer.state.get(q) or {}).items() if owner is not None else ():
+                if isinstance(v, Tensor) and v.shape == q.shape:
+                    out[f"state.{idx}.{name}"] = owner.gather_param(v)
+    return out
 
 
 LOCK_FILE = ".lock"
@@ -311,15 +337,19 @@ def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor
 
 
 def write_checkpoint(out_dir: Path, model: nn.Module, step: int, optimizer: torch.optim.Optimizer | None,
-                     extra: list[Tensor], rng: list[dict[str, Any]], config: dict[str, Any] | None) -> Path:
+                     extra: list[Tensor], rng: list[dict[str, Any]], config: dict[str, Any] | None,
+                     gathered: dict[str, Tensor] | None = None) -> Path:
     """Write the three checkpoint files into ``out_dir`` (``state.json`` last); returns the model file's path.
 
     rng: the JSON RNG states (:func:`rng_to_json`) of every rank. config: stored as ``state.json["config"]``.
+    gathered: :func:`gather_sharded`'s whole-group tensors, written in place of this rank's slices.
     """
+    gathered = gathered or {}
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_id = uuid.uuid4().hex
     meta = {"format": "pt", _META_STEP: str(step), _META_ID: ckpt_id}
     tensors, aliases = _model_tensors(model, extra)
+    tensors.update({k: t.cpu() for k, t in gathered.items() if k in tensors})
     meta[_META_ALIASES] = json.dumps(aliases)
     state: dict[str, Any] = {"format_version": FORMAT_VERSION, "checkpoint_id": ckpt_id, "step": step,
                              "world_size": len(rng), "config": config, "model_signature": model_signature(model),
@@ -329,6 +359,7 @@ def write_checkpoint(out_dir: Path, model: nn.Module, step: int, optimizer: torc
     state["sha256"][MODEL_FILE] = sha256_of(out_dir / MODEL_FILE)
     if optimizer is not None:
         opt_tensors, state["optimizer"] = _optimizer_parts(optimizer)
+        opt_tensors.update({k: t.cpu() for k, t in gathered.items() if k in opt_tensors})
         atomic_write(out_dir / OPTIMIZER_FILE, lambda tmp: save_file(opt_tensors, str(tmp), metadata=meta))
         state["sha256"][OPTIMIZER_FILE] = sha256_of(out_dir / OPTIMIZER_FILE)
     write_json(out_dir / STATE_FILE, state)  # last: the commit point
@@ -381,9 +412,15 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, *, step: int = 0,
 
     Tied weights are stored once and re-tied on load; the current process's RNG states are recorded.
     Pass the unwrapped model (see :func:`unwrap_model`). Returns the path of ``checkpoint.safetensors``.
+    A model with expert-parallel layers is saved whole: every rank of the group must call this, and rank 0
+    writes the file.
     """
+    gathered = gather_sharded(model, optimizer) if sharded_parameters(model) else {}
+    path = Path(out_dir) / MODEL_FILE
+    if gathered and dist.get_rank() != 0:
+        return path
     return write_checkpoint(Path(out_dir), unwrap_model(model), step, optimizer, list(extra_params),
-                            [rng_to_json(rng_capture())], None)
+                            [rng_to_json(rng_capture())], None, gathered)
 
 
 def _verify_sha256(path: Path, state: dict[str, Any], state_path: Path) -> None:
@@ -394,8 +431,13 @@ def _verify_sha256(path: Path, state: dict[str, Any], state_path: Path) -> None:
                               "(the file was corrupted or replaced after it was written)")
 
 
+def _owners_by_id(model: nn.Module) -> dict[int, nn.Module]:
+    params = dict(model.named_parameters())
+    return {id(params[key]): owner for key, owner in sharded_parameters(model).items()}
+
+
 def _load_optimizer(optimizer: torch.optim.Optimizer, saved: Any, path: Path, state_path: Path,
-                    checkpoint_id: str, checksums: dict[str, str]) -> None:
+                    checkpoint_id: str, checksums: dict[str, str], owners: dict[int, nn.Module]) -> None:
     if not isinstance(saved, dict) or not {"class", "param_groups", "state"} <= saved.keys():
         raise CheckpointError(f"{state_path}: key 'optimizer' is missing or incomplete")
     if saved["class"] != type(optimizer).__name__:
@@ -432,6 +474,9 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, saved: Any, path: Path, st
             if key not in tensors:
                 raise CheckpointError(f"{path}: key {key!r} is missing")
             t = tensors[key]
+            owner = owners.get(id(params[idx]))
+            if owner is not None and t.dim() > 0 and t.shape[0] == owner.num_experts != params[idx].shape[0]:
+                t = owner.shard_param(t)  # this rank's experts of a whole-group file
             if t.dim() > 0 and t.shape != params[idx].shape:
                 raise CheckpointError(f"{path}: key {key!r} has shape {tuple(t.shape)}, the parameter has "
                                       f"{tuple(params[idx].shape)}")
@@ -475,6 +520,9 @@ def restore_checkpoint(model: nn.Module, path: str | Path, extra: list[Tensor],
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{model_path}: key 'metadata.{_META_ALIASES}' is not valid JSON") from err
     model = unwrap_model(model)
+    for key, owner in sharded_parameters(model).items():  # each rank keeps its slice of a whole-group file
+        if key in tensors and tensors[key].shape[0] == owner.num_experts:
+            tensors[key] = owner.shard_param(tensors[key])
     full: dict[str, Tensor] = {}
     for key, ref in model.state_dict().items():
         src = aliases.get(key, key)
@@ -506,7 +554,7 @@ def restore_checkpoint(model: nn.Module, path: str | Path, extra: list[Tensor],
         assert state is not None
         _load_optimizer(optimizer, state.get("optimizer"),
                         committed_file(model_path.parent, OPTIMIZER_FILE, state["checkpoint_id"]), state_path,
-                        state["checkpoint_id"], state.get("sha256") or {})
+                        state["checkpoint_id"], state.get("sha256") or {}, _owners_by_id(model))
     try:
         step = int(meta.get(_META_STEP, state["step"] if state else 0))
     except ValueError as err:

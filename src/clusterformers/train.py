@@ -51,6 +51,7 @@ from clusterformers.checkpoint import (
     CheckpointError,
     RunLock,
     atomic_write,
+    gather_sharded,
     load_checkpoint,
     remove_stale_temporaries,
     restore_checkpoint,
@@ -58,6 +59,7 @@ from clusterformers.checkpoint import (
     rng_restore,
     rng_to_json,
     save_checkpoint,
+    sharded_parameters,
     write_checkpoint,
     write_json,
 )
@@ -466,6 +468,7 @@ def _train(model: nn.Module, loss_fn: Callable, batch_fn: Callable, cfg: TrainCo
     extra = _check_extra(extra_params, model, device)
     optimizer = _optimizer(model, extra, cfg)
     writing = rank == 0 and out is not None
+    sharded = sharded_parameters(model)  # expert-parallel weights: a slice per rank
     config = json.loads(json.dumps(dataclasses.asdict(cfg)))  # as stored, for comparisons on resume
     if writing:  # train() has created the directory
         write_json(out / CONFIG_FILE, {"train": config, "extra": extra_config})
@@ -496,6 +499,8 @@ def _train(model: nn.Module, loss_fn: Callable, batch_fn: Callable, cfg: TrainCo
         for p in extra:
             dist.broadcast(p.data, src=0)
         ids = [device.index] if device.type == "cuda" else None
+        if sharded:  # each rank holds other experts: DDP neither broadcasts nor averages them
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(sharded))
         net = nn.parallel.DistributedDataParallel(model, device_ids=ids,
                                                   find_unused_parameters=cfg.find_unused_parameters)
     log = _MetricsLog(out / METRICS_FILE, start if resumed else None, writing) if out is not None else None
@@ -520,7 +525,7 @@ def _train(model: nn.Module, loss_fn: Callable, batch_fn: Callable, cfg: TrainCo
             if world > 1 and extra:
                 sync_extra_grads(extra, world)
             if cfg.grad_clip > 0:
-                metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                metrics["grad_norm"] = _clip_grad_norm(params, cfg.grad_clip, sharded, model)
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -549,14 +554,18 @@ def _train(model: nn.Module, loss_fn: Callable, batch_fn: Callable, cfg: TrainCo
             if out is not None and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or stopping):
                 rng = rng_to_json(rng_capture())
                 rngs = all_gather_json(rng, world, device) if world > 1 else [rng]
+                gathered = gather_sharded(model, optimizer) if sharded else None
                 if writing:
-                    write_checkpoint(out, model, step, optimizer, extra, rngs, config)
+                    write_checkpoint(out, model, step, optimizer, extra, rngs, config, gathered)
             if stopping:
                 break
         if start >= end and eval_fn is not None:
             eval_metrics = _run_eval(eval_fn, model, device, world)
     except KeyboardInterrupt:
-        if writing:
+        if writing and sharded:
+            logger.warning("interrupted: no checkpoint saved (expert-parallel weights need every rank to save); "
+                           "resume continues from the last periodic checkpoint in %s", out)
+        elif writing:
             rng = rng_to_json(pending_rng if pending_rng is not None else rng_capture())
             write_checkpoint(out, model, step, optimizer, extra, [rng], config)
             logger.warning("interrupted: saved a checkpoint at step %d in %s", step, out)
@@ -569,6 +578,32 @@ def _train(model: nn.Module, loss_fn: Callable, batch_fn: Callable, cfg: TrainCo
     logger.info("stopped at step %d of %d after %.1f s", step, cfg.steps, wall)
     return TrainResult(step=step, history=history, eval=eval_metrics, wall_time=wall,
                        finished=step >= cfg.steps)
+
+
+def _clip_grad_norm(params: list[Tensor], max_norm: float, sharded: dict[str, nn.Module], model: nn.Module
+                    ) -> Tensor:
+    """``clip_grad_norm_`` over the whole model: with expert-parallel weights, their squared norms are
+    summed over the group (each rank holds other experts), so every rank clips by the same factor."""
+    if not sharded:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    named = dict(model.named_parameters())
+    local = {id(named[k]) for k in sharded}
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    square = {True: grads[0].new_zeros(()), False: grads[0].new_zeros(())}
+    for p in params:
+        if p.grad is not None:
+            square[id(p) in local] += p.grad.detach().float().square().sum()
+    groups = {m.group for m in sharded.values()}
+    if len(groups) != 1:
+        raise ValueError("expert-parallel layers over different process groups: use one group per model")
+    dist.all_reduce(square[True], group=groups.pop())
+    norm = (square[True] + square[False]).sqrt()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale.to(g.dtype))
+    return norm
 
 
 def _time_up(cfg: TrainConfig, t0: float, world: int, device: torch.device) -> bool:

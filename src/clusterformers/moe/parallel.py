@@ -12,7 +12,13 @@ and back with ``all_to_all`` (``torch.distributed.nn.functional``, so autograd f
   positions are disjoint), and a second one returns the outputs.
 
 AC statistics and the auxiliary losses are reduced over the group, so the layer's outputs equal those of the
-single-process layer on the batch concatenated over the ranks in rank order. Gradients: a rank's inputs get
+single-process layer on the batch concatenated over the ranks in rank order. The experts are cut from the
+group's first rank's weights (broadcast), so the ranks need not share a seed.
+
+Checkpoints (:func:`clusterformers.train.train`, :func:`clusterformers.checkpoint.save_checkpoint`) hold
+one gathered file with all E experts, the layout of the unsharded model: every rank takes part in the
+gather, rank 0 writes, and loading slices each rank's experts out again, so a checkpoint moves between
+expert-parallel and single-process runs. Gradients: a rank's inputs get
 the gradient of its own loss; an expert's weight gradient sums the losses of every rank and is then divided
 by the group size, so that with DDP averaging the other parameters' gradients (DDP must skip the expert
 weights, see :func:`expert_parameter_names`) a step equals single-process training on the global batch with
@@ -60,16 +66,33 @@ class ShardedExperts(Experts):
         self.group, self.rank, self.world = group, rank, world
         self.local_experts = E // world
         lo, hi = rank * self.local_experts, (rank + 1) * self.local_experts
-        self.w_in = nn.Parameter(experts.w_in.detach()[lo:hi].clone())
-        self.w_out = nn.Parameter(experts.w_out.detach()[lo:hi].clone())
+        full = [experts.w_in.detach().clone(), experts.w_out.detach().clone()]
+        src = 0 if group is None else dist.get_global_rank(group, 0)
+        for t in full:  # every rank cuts its slice from the group's first rank's experts
+            dist.broadcast(t, src=src, group=group)
+        self.w_in = nn.Parameter(full[0][lo:hi].clone())
+        self.w_out = nn.Parameter(full[1][lo:hi].clone())
         for p in (self.w_in, self.w_out):
             p.register_hook(self._average)
 
     def _average(self, grad: Tensor) -> Tensor:
         return grad / self.world
 
+    def gather_param(self, t: Tensor) -> Tensor:
+        """A tensor shaped like this rank's ``w_in`` or ``w_out`` (a weight, or its optimizer state) ->
+        the group's ``[E, ...]`` concatenation in rank order. Every rank of the group must call it."""
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.detach().contiguous(), group=self.group)
+        return torch.cat(parts)
+
+    def shard_param(self, t: Tensor) -> Tensor:
+        """The inverse of :meth:`gather_param`: this rank's slice of an ``[E, ...]`` tensor."""
+        if t.shape[0] != self.num_experts:
+            raise ValueError(f"expected a tensor of all {self.num_experts} experts, got shape {tuple(t.shape)}")
+        return t[self.rank * self.local_experts : (self.rank + 1) * self.local_experts]
+
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, local_experts={self.local_experts}, rank={self.rank}, world={self.world}"
+        return f"{super().extra_repr()}, local_experts={self.local_experts}, world={self.world}"  # rank-free
 
     def reset_parameters(self) -> None:
         """Initialised from the experts it was cut from (see :class:`Experts` for fresh ones)."""
