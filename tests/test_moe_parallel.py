@@ -75,3 +75,73 @@ def test_expert_parallel_training_resumes_exactly_and_equals_one_process(tmp_pat
     for k, v in model.state_dict().items():
         got = torch.cat([a[k], b[k]]) if k in experts else a[k]
         torch.testing.assert_close(got, v, rtol=0, atol=1e-6, msg=k)
+
+
+def _kill_all(marker: str) -> None:
+    """SIGKILL every process whose command line holds ``marker``: the launcher and its workers (torchrun
+    starts them in their own process groups)."""
+    import signal
+
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if marker in cmdline:
+                try:
+                    os.kill(int(proc.name), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def _train_lm(out: Path, text: Path, extra: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m",
+           "clusterformers", "train", "lm", "--moe", "ac", "--expert-parallel", "--level", "byte", "--data",
+           str(text), "--steps", "8", "--batch-size", "4", "--out", str(out), "--no-progress", "--device", "cpu",
+           *extra]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the processes to kill in /proc")
+def test_train_lm_expert_parallel_resumes_exactly_after_a_kill(tmp_path: Path) -> None:
+    """`clusterformers train lm --expert-parallel` on 2 processes, killed (SIGKILL to the whole launch) once a
+    checkpoint past step 2 is committed, then relaunched with --resume: its final checkpoint equals an
+    uninterrupted run's, tensor for tensor; the gathered file loads into a single-process model."""
+    import time
+
+    from clusterformers.experiments.single import load_lm
+
+    text = tmp_path / "corpus.txt"
+    words = "the cat sat on the mat and the dog ran to the park with a red ball".split()
+    rng = __import__("numpy").random.default_rng(0)
+    text.write_text("\n\n".join(" ".join(rng.choice(words, 400)) for _ in range(12)))
+    straight = _train_lm(tmp_path / "straight", text, [])
+    assert straight.wait(timeout=300) == 0, straight.stdout.read()[-3000:]
+
+    killed = _train_lm(tmp_path / "killed", text, [])
+    state = tmp_path / "killed" / "state.json"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and killed.poll() is None:
+        if state.exists() and json.loads(state.read_text() or "{}").get("step", 0) >= 2:
+            break
+        time.sleep(0.2)
+    assert killed.poll() is None, "the run ended before it could be killed: " + killed.stdout.read()[-3000:]
+    _kill_all(str(tmp_path / "killed"))
+    killed.wait(timeout=60)
+    stopped_at = json.loads(state.read_text())["step"]
+    assert 2 <= stopped_at < 8
+    resumed = _train_lm(tmp_path / "killed", text, ["--resume"])
+    assert resumed.wait(timeout=300) == 0, resumed.stdout.read()[-3000:]
+    log = resumed.stdout.read()
+    assert f"at step {stopped_at}" in log and "steps 0 ->" not in log, log[-3000:]  # it resumed, not restarted
+
+    a = load_file(str(tmp_path / "straight" / "checkpoint.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "checkpoint.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stopped_at
+    assert any(k.endswith("experts.w_in") and v.shape[0] == 8 for k, v in a.items())  # all experts, gathered
+    model, level, _ = load_lm(tmp_path / "straight", device="cpu")  # a single-process model loads it
+    assert level == "byte" and sum(p.numel() for p in model.parameters()) > 0

@@ -193,6 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default=None, help="run directory (default: runs/train/<model>-<attention>-<moe>)")
     t.add_argument("--resume", action="store_true", help="continue from the run directory's checkpoint")
+    t.add_argument("--expert-parallel", action="store_true",
+                   help="lm under torchrun: shard each MoE layer's experts over the processes (E divisible by them)")
     t.add_argument("--device", default="auto")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_train)

@@ -11,10 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from clusterformers.checkpoint import load_checkpoint, write_json
+from clusterformers.distributed import setup_distributed
 from clusterformers.experiments.common import batches, epoch_batch_fn
+from clusterformers.moe import expert_parallel
 from clusterformers.train import CONFIG_FILE, TrainConfig, resolve_device, train
 
 VOCAB_FILE = "vocab.json"
@@ -104,6 +107,13 @@ def train_lm(args: argparse.Namespace) -> dict:
     model = TransformerLM(cfg)
     bs = args.batch_size or 32
     device = resolve_device(args.device)
+    created = False
+    if getattr(args, "expert_parallel", False):
+        if ffn != "moe":
+            raise ValueError(f"--expert-parallel needs --moe with a top-k router (smoe, xmoe, stablemoe, random, "
+                             f"ac), got --moe {args.moe}")
+        _, _, _, created = setup_distributed(device)  # the group the experts are sharded over
+        expert_parallel(model)
 
     def batch_fn(step: int, rank: int = 0, world: int = 1):
         gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step * 7919 + rank)
@@ -129,6 +139,9 @@ def train_lm(args: argparse.Namespace) -> dict:
     extra = {"model": "lm", "level": args.level, "lm": dataclasses.asdict(cfg)}
     res = train(model, loss_fn, batch_fn, tcfg, out_dir=run_dir, eval_fn=eval_fn, resume=args.resume,
                 extra_config=extra)
+    if created:
+        dist.barrier()  # rank 0 may still be writing the last checkpoint
+        dist.destroy_process_group()
     return {"run_dir": str(run_dir), "steps": res.step, **res.eval}
 
 

@@ -46,6 +46,32 @@ def _world(group: object | None) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
+class _AllToAll(torch.autograd.Function):
+    """``torch.distributed.all_to_all_single`` with its transpose as the backward (the gradient of each
+    received row goes back to the rank that sent it)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, out_sizes: list[int] | None, in_sizes: list[int] | None, group: object | None
+                ) -> Tensor:
+        ctx.sizes, ctx.group = (out_sizes, in_sizes), group
+        rows = sum(out_sizes) if out_sizes is not None else x.shape[0]
+        out = x.new_empty(rows, *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), out_sizes, in_sizes, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
+        out_sizes, in_sizes = ctx.sizes
+        return _AllToAll.apply(grad.contiguous(), in_sizes, out_sizes, ctx.group), None, None, None
+
+
+def all_to_all(x: Tensor, out_sizes: list[int] | None = None, in_sizes: list[int] | None = None,
+               group: object | None = None) -> Tensor:
+    """Rows of ``x`` split by ``in_sizes`` (equal parts if None) to each rank; ``out_sizes`` rows arrive from
+    each; differentiable."""
+    return _AllToAll.apply(x, out_sizes, in_sizes, group)
+
+
 class ShardedExperts(Experts):
     """The slice ``[rank · E_local, (rank + 1) · E_local)`` of an :class:`Experts` stack, with the exchange
     that lets an :class:`MoE` use it as if it held all ``E`` experts.
@@ -119,8 +145,7 @@ class ShardedExperts(Experts):
         send = counts.view(W, El).sum(1)
         host = torch.cat([send, recv_counts.view(W, El).sum(1), recv_counts]).tolist()
         send_sizes, recv_sizes, per_expert = host[:W], host[W : 2 * W], host[2 * W :]
-        received = x.new_empty(sum(recv_sizes), x.shape[1])
-        received = dist_nn.all_to_all_single(received, x, recv_sizes, send_sizes, group=self.group)
+        received = all_to_all(x, recv_sizes, send_sizes, self.group)
         expert = torch.arange(El, device=x.device).repeat(W)
         expert = torch.repeat_interleave(expert, recv_counts, output_size=received.shape[0])
         order = torch.sort(expert, stable=True).indices  # (local expert, source rank, row)
@@ -128,8 +153,7 @@ class ShardedExperts(Experts):
         local_sizes = [sum(per_expert[s * El + e] for s in range(W)) for e in range(El)]
         out_sorted = self._local().grouped(received.index_select(0, order), local_counts, local_sizes)
         out = torch.empty_like(out_sorted).index_copy(0, order, out_sorted)
-        back = x.new_empty(x.shape[0], self.dim)
-        return dist_nn.all_to_all_single(back, out, send_sizes, recv_sizes, group=self.group)
+        return all_to_all(out, send_sizes, recv_sizes, self.group)
 
     def padded(self, x: Tensor) -> Tensor:
         """``x[E, C, d]`` (this rank's rows at their group-wide queue positions, zeros elsewhere) -> the
@@ -137,12 +161,9 @@ class ShardedExperts(Experts):
         W, El = self.world, self.local_experts
         C, d = x.shape[1], x.shape[2]
         self._check_shapes(C, d, device=x.device)
-        mine = x.new_empty(W * El * C, d)
-        mine = dist_nn.all_to_all_single(mine, x.reshape(W * El * C, d).contiguous(), group=self.group)
+        mine = all_to_all(x.reshape(W * El * C, d), group=self.group)
         y = self._local().padded(mine.view(W, El, C, d).sum(0))  # [El, C, d]
-        out = x.new_empty(W * El * C, d)
-        out = dist_nn.all_to_all_single(out, y.reshape(1, El * C, d).expand(W, -1, -1).reshape(-1, d),
-                                        group=self.group)
+        out = all_to_all(y.reshape(1, El * C, d).expand(W, -1, -1).reshape(-1, d), group=self.group)
         return out.view(W * El, C, d)
 
     def gather_routing(self, weights: Tensor, indices: Tensor, mask: Tensor | None
