@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from clusterformers.collectives import all_gather_cat
 from clusterformers.contrastive import functional as fn
 from clusterformers.contrastive.inputs import check_sensitive, compute_dtype, one_hot_groups
 from clusterformers.contrastive.kernels import KERNELS
@@ -134,8 +135,6 @@ class ContrastiveLoss(nn.Module):
 def _gather_batch(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """``(z1, z2, sensitive, ...)`` and tensor keyword arguments concatenated over the ranks, in rank order;
     the embeddings through an autograd-aware all-gather."""
-    import torch.distributed.nn.functional as dist_nn  # only where torch.distributed is available and in use
-
     z1 = args[0]
     world = dist.get_world_size()
     sizes = [torch.zeros(1, dtype=torch.long, device=z1.device) for _ in range(world)]
@@ -148,7 +147,7 @@ def _gather_batch(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if not isinstance(x, Tensor):
             return x
         if grad:
-            return torch.cat(dist_nn.all_gather(x))
+            return all_gather_cat(x)
         parts = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(parts, x.contiguous())
         return torch.cat(parts)

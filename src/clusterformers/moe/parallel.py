@@ -2,7 +2,7 @@
 
 :func:`expert_parallel` shards the experts of an :class:`~clusterformers.moe.MoE` (or of every MoE in a
 model) over a process group. The router stays replicated; tokens travel to the rank that holds their expert
-and back with ``all_to_all`` (``torch.distributed.nn.functional``, so autograd flows through both ways):
+and back with ``all_to_all`` (:mod:`clusterformers.collectives`, so autograd flows through both ways):
 
 - dropless: each rank sends its assignments, sorted by expert, to the experts' owners (split sizes from one
   host sync, the one the single-process loop also needs), the owner runs its experts, the outputs return;
@@ -31,8 +31,9 @@ import dataclasses
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 from torch import Tensor, nn
+
+from clusterformers.collectives import all_reduce_sum, all_to_all
 
 from .layer import Experts, MoE
 
@@ -44,32 +45,6 @@ def _world(group: object | None) -> tuple[int, int]:
         raise RuntimeError("expert_parallel needs an initialised torch.distributed process group "
                            "(torch.distributed.init_process_group, e.g. under torchrun)")
     return dist.get_rank(group), dist.get_world_size(group)
-
-
-class _AllToAll(torch.autograd.Function):
-    """``torch.distributed.all_to_all_single`` with its transpose as the backward (the gradient of each
-    received row goes back to the rank that sent it)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, out_sizes: list[int] | None, in_sizes: list[int] | None, group: object | None
-                ) -> Tensor:
-        ctx.sizes, ctx.group = (out_sizes, in_sizes), group
-        rows = sum(out_sizes) if out_sizes is not None else x.shape[0]
-        out = x.new_empty(rows, *x.shape[1:])
-        dist.all_to_all_single(out, x.contiguous(), out_sizes, in_sizes, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:
-        out_sizes, in_sizes = ctx.sizes
-        return _AllToAll.apply(grad.contiguous(), in_sizes, out_sizes, ctx.group), None, None, None
-
-
-def all_to_all(x: Tensor, out_sizes: list[int] | None = None, in_sizes: list[int] | None = None,
-               group: object | None = None) -> Tensor:
-    """Rows of ``x`` split by ``in_sizes`` (equal parts if None) to each rank; ``out_sizes`` rows arrive from
-    each; differentiable."""
-    return _AllToAll.apply(x, out_sizes, in_sizes, group)
 
 
 class ShardedExperts(Experts):
@@ -220,11 +195,11 @@ def group_aux(layer: MoE, logits: Tensor, mask: Tensor | None) -> Tensor:
         counts[-1] = keep.sum()
         dist.all_reduce(counts, group=group)
         n = counts[-1].clamp_min(1)
-        p = dist_nn.all_reduce((probs * keep.unsqueeze(1)).sum(0), group=group) / n
+        p = all_reduce_sum((probs * keep.unsqueeze(1)).sum(0), group=group) / n
         aux = aux + layer.aux_coef * layer.num_experts * (counts[:-1] / n * p).sum()
     if layer.z_coef:
         z = torch.where(keep > 0, torch.logsumexp(s, dim=1).square(), 0.0).sum()
-        total = dist_nn.all_reduce(torch.stack([z, keep.sum()]), group=group)
+        total = all_reduce_sum(torch.stack([z, keep.sum()]), group=group)
         aux = aux + layer.z_coef * total[0] / total[1].clamp_min(1)
     return aux
 
