@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="speed ratios against baselines measured in the same process")
     b.add_argument("--json", action="store_true", help="one JSON object per line")
     b.add_argument("--quick", action="store_true", help="fewer repetitions and sizes")
-    b.add_argument("--only", default=None, help="comma-separated subset of attention,moe,contrastive,integrations")
+    b.add_argument("--only", default=None,
+                   help="comma-separated subset of attention,moe,contrastive,integrations,parallel")
     b.add_argument("--device", default="auto")
     b.add_argument("--threads", default="1,2", help="comma-separated torch thread counts, each run in turn (CPU)")
     b.add_argument("--check", action="store_true", help="exit 1 when a row misses its target")

@@ -1,10 +1,10 @@
 """Benchmarks: speed and memory ratios against baselines run in the same process.
 
-Each module (``attention``, ``moe``, ``contrastive``, ``integrations``) has ``run(quick, device, threads)``
-returning rows of :func:`~clusterformers.bench.common.record`: ``ratio`` = ours / baseline (lower is better),
-and where the row has a bound, ``target`` and ``met``. :func:`run` runs the chosen modules at each thread
-count; ``clusterformers bench`` prints the rows (``--json``: one object per line) and with ``--check`` exits
-non-zero when a row misses its target.
+Each module (``attention``, ``moe``, ``contrastive``, ``integrations``, ``parallel``) has
+``run(quick, device, threads)`` returning rows of :func:`~clusterformers.bench.common.record`: ``ratio`` =
+ours / baseline (lower is better), and where the row has a bound, ``target`` and ``met``. :func:`run` runs
+the chosen modules at each thread count; ``clusterformers bench`` prints the rows (``--json``: one object
+per line) and with ``--check`` exits non-zero when a row misses its target.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ __all__ = ["BENCHES", "missed", "run"]
 
 log = logging.getLogger(__name__)
 
-BENCHES = ("attention", "moe", "contrastive", "integrations")
+BENCHES = ("attention", "moe", "contrastive", "integrations", "parallel")
 
 
 def run(names: list[str] | tuple[str, ...] = BENCHES, *, quick: bool = False, device: str = "auto",
         threads: list[int] | tuple[int, ...] = (1, 2)) -> list[dict]:
     """The rows of the benchmarks ``names``, each run once per entry of ``threads`` (torch intra-op threads;
-    on CUDA only the first entry is used: the host thread count does not change the kernels)."""
+    on CUDA, and for modules with ``THREADED = False`` that fix their own, only the first entry is used)."""
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
         raise ValueError(f"names: unknown benchmarks {unknown}; choose from {', '.join(BENCHES)}")
@@ -35,7 +35,7 @@ def run(names: list[str] | tuple[str, ...] = BENCHES, *, quick: bool = False, de
     rows = []
     for name in names:
         module = importlib.import_module(f"clusterformers.bench.{name}")
-        for n in counts:
+        for n in counts if getattr(module, "THREADED", True) else counts[:1]:
             log.info("benchmark %s on %s, %d thread(s)", name, dev, n)
             with torch_threads(n):
                 rows += module.run(quick, dev, n)
