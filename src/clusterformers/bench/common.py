@@ -10,9 +10,10 @@ from collections.abc import Callable, Iterator
 import torch
 
 
-def _sync(device: torch.device | str | None) -> None:
+def synchronize(device: torch.device | str | None) -> None:
+    """Wait for the device's queued work (CUDA); nothing elsewhere."""
     if device is not None and torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 def time_fn(
@@ -26,13 +27,13 @@ def time_fn(
         raise ValueError(f"reps must be >= 1, got {reps}")
     for _ in range(warmup):
         fn()
-    _sync(device)
+    synchronize(device)
     times = []
     for _ in range(reps):
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

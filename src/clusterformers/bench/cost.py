@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import statistics
 import subprocess
 import sys
 import time
@@ -25,13 +24,14 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from clusterformers.contrastive.discretize import KMeansDiscretizer
-from clusterformers.contrastive.losses import (
+from clusterformers.bench.common import synchronize, time_fn
+from clusterformers.contrastive import (
     CCLKLoss,
     ContrastiveLoss,
     FairInfoNCELoss,
     FARELoss,
     InfoNCELoss,
+    KMeansDiscretizer,
     SparseFARELoss,
 )
 
@@ -143,39 +143,19 @@ def loss_step(
     return step
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def peak_bytes(step: Callable[[], None], device: torch.device | str) -> int:
     """Peak live tensor bytes of one ``step()`` above what was allocated before it."""
     device = torch.device(device)
     if device.type == "cuda":
-        _sync(device)
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
         step()
-        _sync(device)
+        synchronize(device)
         return int(torch.cuda.max_memory_allocated(device) - base)
     with LiveTensorTracker() as tracker:
         step()
     return tracker.peak
-
-
-def median_time(step: Callable[[], None], device: torch.device | str, reps: int, warmup: int = 1) -> float:
-    """Median wall seconds of ``step()`` over ``reps`` runs after ``warmup`` (CUDA synchronised)."""
-    device = torch.device(device)
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(reps):
-        _sync(device)
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 _RSS_SCRIPT = """
@@ -265,7 +245,7 @@ def cost_curve(
             step = loss_step(loss_fn, b, dim=dim, sensitive=sens, sensitive_dim=sensitive_dim, device=device, seed=seed)
             start = time.perf_counter()
             step()
-            _sync(device)
+            synchronize(device)
             first = time.perf_counter() - start
             n = reps if reps is not None else (3 if b >= 4096 else 5)
             if first > timeout_s:
@@ -275,7 +255,7 @@ def cost_curve(
                 )
                 rows.append({**row, "time_s": first, "reps": 1, "skipped": False})
                 continue
-            row["time_s"] = median_time(step, device, n, warmup=0)
+            row["time_s"] = time_fn(step, warmup=0, reps=n, device=device)
             row["reps"] = n
             if memory:
                 row["peak_bytes"] = peak_bytes(step, device)
