@@ -22,6 +22,7 @@ D, E, K, H, T = 8, 4, 2, 6, 24
 CASES = {
     "smoe": {"router": "smoe"},
     "xmoe": {"router": "xmoe"},
+    "random": {"router": "random"},
     "stablemoe_gated": {"router": "stablemoe", "gated": True},
     "ac": {"router": "ac"},
     "ac_aux": {"router": "ac", "aux_coef": 0.1, "z_coef": 0.01},
@@ -60,7 +61,7 @@ def run_case(name: str, options: dict, rank: int, world: int) -> dict:
     ((y_ep * coef[lo:hi]).sum() + aux_ep / world).backward()  # summed over the ranks: the reference loss
 
     El = E // world
-    router = {n: p.grad.clone() for n, p in ep.router.named_parameters()}
+    router = {n: p.grad.clone() for n, p in ep.router.named_parameters() if p.requires_grad}
     for grad in router.values():
         dist.all_reduce(grad)
     return {
@@ -69,7 +70,8 @@ def run_case(name: str, options: dict, rank: int, world: int) -> dict:
         "x_grad": _diff(x_ep.grad, x_ref.grad[lo:hi]),
         "w_in": _diff(world * ep.experts.w_in.grad, ref.experts.w_in.grad[rank * El : (rank + 1) * El]),
         "w_out": _diff(world * ep.experts.w_out.grad, ref.experts.w_out.grad[rank * El : (rank + 1) * El]),
-        "router": max([_diff(router[n], p.grad) for n, p in ref.router.named_parameters()] or [0.0]),
+        "router": max([_diff(router[n], p.grad) for n, p in ref.router.named_parameters() if p.requires_grad]
+                      or [0.0]),
         "dropped": _dropped(ref, mask),
     }
 

@@ -37,7 +37,7 @@ def test_expert_parallel_equals_the_single_process_layer_on_two_gloo_ranks(tmp_p
         bad = report.pop("bad")
         assert "num_experts=3 is not divisible by the group size 2" in bad["indivisible"]
         assert "disagree on (dim, num_experts" in bad["mismatch"]
-        assert len(report) == 8
+        assert len(report) == 9
         for name, diffs in report.items():
             dropped = diffs.pop("dropped")
             assert all(v <= 1e-10 for v in diffs.values()), (rank, name, diffs)
