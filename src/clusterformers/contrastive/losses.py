@@ -60,7 +60,7 @@ class ContrastiveLoss(nn.Module):
             rank's embedding gradient is ``world_size`` times the global loss's, which DDP's averaging of
             parameter gradients turns into the global loss's gradient.
 
-    Subclasses implement ``_loss(..., return_stats, diagnostics)``; their ``forward`` calls :meth:`_run`.
+    ``forward`` is this class's for every loss; subclasses implement ``_loss(..., return_stats, diagnostics)``.
     """
 
     def __init__(
@@ -93,7 +93,22 @@ class ContrastiveLoss(nn.Module):
             "check_inputs": self.check_inputs,
         }
 
+    uses_sensitive = True  # False: the loss accepts ``sensitive`` and ignores it (InfoNCE)
+
+    def forward(self, z1: Tensor, z2: Tensor, sensitive: Tensor | None = None, *, return_stats: bool = False,
+                **inputs: Tensor | None) -> Output:
+        """The loss of the positive pairs ``(z1[i], z2[i])`` (``[b, d]`` each) with their negatives weighted by
+        ``sensitive`` (``[b]`` or ``[b, s]``); ``(loss, stats)`` with ``return_stats``. ``inputs``: a loss's
+        extra inputs (SparseFARE's ``buckets``)."""
+        if not self.uses_sensitive:
+            return self._run(z1, z2, return_stats=return_stats, **inputs)
+        if sensitive is None:
+            raise TypeError(f"{type(self).__name__}: sensitive is required (the attribute the negatives are "
+                            "weighted by: integer groups [b] or a float [b, s] attribute)")
+        return self._run(z1, z2, sensitive, return_stats=return_stats, **inputs)
+
     def _loss(self, *args, return_stats: bool, diagnostics: bool, **kwargs) -> Output:
+        """The loss of one (gathered) batch: the functional form with this module's settings."""
         raise NotImplementedError
 
     def _world(self) -> int:
@@ -161,8 +176,7 @@ class InfoNCELoss(ContrastiveLoss):
     accepted for a uniform signature and ignored. Above ``b = 1024`` it runs in row blocks (memory linear in
     ``b``, see :func:`~.nce.blockwise_nce`), as Fair-InfoNCE and FARE do."""
 
-    def forward(self, z1: Tensor, z2: Tensor, sensitive: Tensor | None = None, *, return_stats: bool = False) -> Output:
-        return self._run(z1, z2, return_stats=return_stats)
+    uses_sensitive = False
 
     def _loss(self, z1: Tensor, z2: Tensor, *, return_stats: bool, diagnostics: bool) -> Output:
         return fn.info_nce(z1, z2, return_stats=return_stats, **self._common())
@@ -181,9 +195,6 @@ class FairInfoNCELoss(ContrastiveLoss):
     def __init__(self, *, discretizer: object | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.discretizer = discretizer
-
-    def forward(self, z1: Tensor, z2: Tensor, sensitive: Tensor, *, return_stats: bool = False) -> Output:
-        return self._run(z1, z2, sensitive, return_stats=return_stats)
 
     def _loss(self, z1: Tensor, z2: Tensor, sensitive: Tensor, *, return_stats: bool, diagnostics: bool) -> Output:
         return fn.fair_info_nce(
@@ -211,9 +222,6 @@ class CCLKLoss(ContrastiveLoss):
         if not lam > 0:
             raise ValueError(f"lam must be > 0, got {lam}")
         self.kernel, self.lam, self.bandwidth, self.clip = kernel, lam, bandwidth, clip
-
-    def forward(self, z1: Tensor, z2: Tensor, sensitive: Tensor, *, return_stats: bool = False) -> Output:
-        return self._run(z1, z2, sensitive, return_stats=return_stats)
 
     def _loss(self, z1: Tensor, z2: Tensor, sensitive: Tensor, *, return_stats: bool, diagnostics: bool) -> Output:
         return fn.cclk(
@@ -323,9 +331,6 @@ class FARELoss(ContrastiveLoss):
             self.running_mean.copy_(running[0])
             self.running_var.copy_(running[1])
 
-    def forward(self, z1: Tensor, z2: Tensor, sensitive: Tensor, *, return_stats: bool = False) -> Output:
-        return self._run(z1, z2, sensitive, return_stats=return_stats)
-
     def _loss(self, z1: Tensor, z2: Tensor, sensitive: Tensor, *, return_stats: bool, diagnostics: bool) -> Output:
         attribute, z_norm, _, running = self._prepared(sensitive, z1.shape[0], z1.device)
         out = fn.fare(
@@ -427,20 +432,9 @@ class SparseFARELoss(FARELoss):
             self._eval_rotations[key] = rot
         return rot
 
-    def forward(
-        self,
-        z1: Tensor,
-        z2: Tensor,
-        sensitive: Tensor,
-        *,
-        buckets: Tensor | None = None,
-        return_stats: bool = False,
-    ) -> Output:
-        return self._run(z1, z2, sensitive, buckets=buckets, return_stats=return_stats)
-
     def _loss(
-        self, z1: Tensor, z2: Tensor, sensitive: Tensor, *, buckets: Tensor | None, return_stats: bool,
-        diagnostics: bool,
+        self, z1: Tensor, z2: Tensor, sensitive: Tensor, *, return_stats: bool, diagnostics: bool,
+        buckets: Tensor | None = None,
     ) -> Output:
         attribute, z_norm, groups, running = self._prepared(sensitive, z1.shape[0], z1.device)
         given = buckets if buckets is not None else groups
