@@ -90,7 +90,7 @@ class Verdict:
         """Why a claim is ``not resolved``: too few seeds, or what its interval still excludes."""
         e, unit = self.effect, self.claim.unit
         if e.seeds < MIN_SEEDS:
-            return f"{e.seeds} seeds decide nothing (a smoke run)"
+            return f"{e.seeds} seeds decide nothing (a verdict needs at least {MIN_SEEDS})"
         return f"rules out Δ < {e.lo:+.3g}{unit} and Δ > {e.hi:+.3g}{unit}"
 
 
