@@ -172,3 +172,25 @@ def test_compact_items_and_results_without_them(tmp_path: Path) -> None:
     run_grid(cells, square, tmp_path, workers=1)
     loaded = load_cells(tmp_path, "s")
     assert set(loaded) == {"arm"} and loaded["arm"][1]["value"] == 2 and set(loaded["arm"]) == {0, 1}
+
+
+def test_elliptical_quick_cells_are_never_reused_as_full_ones(tmp_path: Path) -> None:
+    """The bug this framework fixed: the elliptical study cached cells at ``vit/<variant>/seed<s>`` without the
+    settings, so ``make demo`` followed by a full run reported the quick 6-epoch cells as full results. Quick
+    and full cells of the same arm and seed now live in different directories, and a quick run's finished
+    cell is not found by the full run."""
+    from clusterformers.experiments import elliptical
+    from clusterformers.experiments.grid import load_result
+
+    quick, full = elliptical.make_config(quick=True), elliptical.make_config(quick=False)
+    q = {(c.arm, c.seed): c for c in quick.cells()}
+    f = {(c.arm, c.seed): c for c in full.cells()}
+    shared = q.keys() & f.keys()
+    assert ("vit-softmax", 0) in shared and ("lm-elliptical", 1) in shared
+    for key in shared:
+        assert q[key].path(tmp_path) != f[key].path(tmp_path), key
+    cell = q[("vit-softmax", 0)]
+    cell.path(tmp_path).mkdir(parents=True)
+    (cell.path(tmp_path) / "result.json").write_text('{"clean": 0.5}')
+    assert load_result(cell, tmp_path) is not None  # the negative control: the quick cell itself is found
+    assert load_result(f[("vit-softmax", 0)], tmp_path) is None
