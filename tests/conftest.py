@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# The tests, and the processes they start, run the eager reference of the compiled paths
+# (clusterformers.fused): compiling every variant a test meets would cost minutes. tests/test_fused.py
+# switches fusion on and compares the two.
+os.environ["CLUSTERFORMERS_FUSED"] = "0"
 
 
 @pytest.fixture(scope="module")

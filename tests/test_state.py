@@ -16,6 +16,10 @@ from clusterformers.attention import set_metric_grad
 from clusterformers.models.transformer import TransformerLM, TransformerLMConfig
 
 VOCAB, CONTEXT = 29, 32
+# No leak means a change at rounding level only: when other tokens change, the experts' groups change size,
+# and a GEMM over a group of another size may round a row differently (seen: 2.8e-17 in float64 on one CPU).
+# A real leak moves the logits by more than 1e-6 (the negative controls).
+NO_LEAK = 1e-12
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -73,8 +77,8 @@ def test_ac_lm_is_causal_and_batch_independent_by_default() -> None:
     assert model.blocks[2].mlp.router.metric.running_seen.any()
     for mode in ("train", "eval"):
         getattr(model, mode)()
-        assert future_leak(model) == 0.0, mode
-        assert batchmate_leak(model) == 0.0, mode
+        assert future_leak(model) < NO_LEAK, mode
+        assert batchmate_leak(model) < NO_LEAK, mode
     # negative control: the papers' batch statistics leak in both directions
     batch = ac_lm("batch")
     warm(batch)
@@ -87,7 +91,7 @@ def test_ema_statistics_are_batch_independent_in_eval_only() -> None:
     model = ac_lm("ema")
     warm(model)
     model.eval()
-    assert future_leak(model) == 0.0 and batchmate_leak(model) == 0.0
+    assert future_leak(model) < NO_LEAK and batchmate_leak(model) < NO_LEAK
     model.train()
     assert future_leak(model) > 1e-6
 

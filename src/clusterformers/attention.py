@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from clusterformers.checks import check_inputs_default
+from clusterformers.fused import fused
 from clusterformers.state import StatefulLayer
 
 ESTIMATORS = ("mean", "median", "identity", "random", "isotropic")
@@ -177,13 +178,12 @@ def elliptical_metric(
         )
     if v_prev is not None and v_prev.device != v.device:
         raise ValueError(f"v_prev is on {v_prev.device}, v on {v.device}; move it with .to({v.device!s})")
-    rdtype = _reduce_dtype(v)
     if estimator == "identity":
         return torch.ones(batch, heads, 1, dim, device=v.device, dtype=v.dtype)
     if estimator == "random":
         if not 0.0 <= random_low < 1.0:
             raise ValueError(f"random_low must lie in [0, 1), got {random_low}")
-        u = torch.rand(batch, heads, 1, dim, generator=generator, device=v.device, dtype=rdtype)
+        u = torch.rand(batch, heads, 1, dim, generator=generator, device=v.device, dtype=_reduce_dtype(v))
         return _normalise(random_low + (1.0 - random_low) * u, eps).to(v.dtype)
     if v_prev is None:
         raise ValueError(f"v_prev is required by estimator {estimator!r} (only identity/random accept None)")
@@ -193,18 +193,54 @@ def elliptical_metric(
         raise NotImplementedError("the median estimator is not implemented for causal attention (prefix median)")
     if detach:
         v, v_prev = v.detach(), v_prev.detach()
-    a = (v.to(rdtype) - v_prev.to(rdtype)).abs_()  # a fresh buffer: later steps work in place
     keep = None if key_padding_mask is None else key_padding_mask[:, None, :, None]
+    if estimator == "median":
+        a = _abs_diff(v, v_prev, keep)
+        if check and not bool(torch.isfinite(a).all()):
+            raise ValueError(_NOT_FINITE)
+        return _normalise(_median_over_tokens(a, keep), eps).to(v.dtype)
+    core = _mean_metric if prefix is not None else _fused_mean_metric
+    m, finite = core(v, v_prev, keep, causal, eps, estimator == "isotropic", check, prefix)
+    if check and not bool(finite):
+        raise ValueError(_NOT_FINITE)
+    return m
+
+
+_NOT_FINITE = (
+    "v or v_prev holds NaN or inf at kept positions (padding may hold anything); check the previous "
+    "layer's values, or mark those tokens as padding in key_padding_mask"
+)
+
+
+def _abs_diff(v: Tensor, v_prev: Tensor, keep: Tensor | None) -> Tensor:
+    """``|v − v_prev|`` in the reduction dtype, 0 at padded tokens (``keep [B,1,N,1]``): a fresh buffer."""
+    rdtype = _reduce_dtype(v)
+    a = (v.to(rdtype) - v_prev.to(rdtype)).abs_()
     if keep is not None:
         a = a.masked_fill_(~keep, 0.0)  # select, not multiply: NaN/inf at pads cannot leak
-    if check and not bool(torch.isfinite(a).all()):
-        raise ValueError(
-            "v or v_prev holds NaN or inf at kept positions (padding may hold anything); check the previous "
-            "layer's values, or mark those tokens as padding in key_padding_mask"
-        )
-    if estimator == "median":
-        s = _median_over_tokens(a, keep)
-    elif causal:
+    return a
+
+
+def _mean_metric(
+    v: Tensor,
+    v_prev: Tensor,
+    keep: Tensor | None,
+    causal: bool,
+    eps: float,
+    isotropic: bool,
+    check: bool,
+    prefix: PrefixSums | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """The mean (or prefix-mean) metric and, with ``check``, whether ``|v − v_prev|`` is finite at kept tokens.
+
+    ``v, v_prev [B,H,N,D]``, ``keep`` bool ``[B,1,N,1]`` or None. Returns ``m`` in ``v``'s dtype,
+    ``[B,H,1,D]`` (``[B,H,N,D]`` causal), and a bool scalar tensor (None without ``check``). The eager
+    reference of :func:`_fused_mean_metric`.
+    """
+    a = _abs_diff(v, v_prev, keep)
+    finite = torch.isfinite(a).all() if check else None
+    rdtype, n = a.dtype, a.shape[2]
+    if causal:
         if keep is None:
             count = torch.arange(1, n + 1, device=a.device, dtype=rdtype)[None, None, :, None]
         else:
@@ -221,9 +257,12 @@ def elliptical_metric(
         count = n if keep is None else keep.to(rdtype).sum(dim=2, keepdim=True)
         s = a.sum(dim=2, keepdim=True) / count
     m = _normalise(s, eps)
-    if estimator == "isotropic":
+    if isotropic:
         m = m.mean(dim=-1, keepdim=True).expand_as(m)
-    return m.to(v.dtype)
+    return m.to(v.dtype), finite
+
+
+_fused_mean_metric = fused(_mean_metric)
 
 
 class PrefixSums:

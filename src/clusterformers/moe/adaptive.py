@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from clusterformers.fused import fused
+
 __all__ = [
     "ACConfig",
     "ACStats",
@@ -308,6 +310,48 @@ def token_metric(metric: Tensor, indices: Tensor, weights: Tensor, mix: int | No
     return torch.einsum("tj,tjd->td", pi, rows)
 
 
+def _batch_valid(counts: Tensor, cfg: ACConfig) -> Tensor:
+    """Clusters of ``counts[E]`` with enough tokens (all, with ``mask_invalid=False``)."""
+    return counts >= cfg.min_count if cfg.mask_invalid else torch.ones_like(counts, dtype=torch.bool)
+
+
+def _transform(
+    h: Tensor,
+    indices: Tensor,
+    weights: Tensor,
+    key_padding_mask: Tensor | None,
+    expert_ids: Tensor,
+    running: Tensor | None,
+    seen: Tensor | None,
+    cfg: ACConfig,
+    use_batch: bool,
+    group: object | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """The whole AC transform of one forward: ``(m_tok[T,d], m[E,d], valid[E], counts[E], s[E,d])``.
+
+    ``use_batch``: compute the batch statistics (``counts``, dispersion ``s``; else both None). The metric
+    comes from the running ``(running[E,d], seen[E])`` when given, else from the batch. The eager reference
+    of :func:`_fused_transform`.
+    """
+    counts = s = None
+    if use_batch:
+        dev_sums, denom, counts = _segment_sums(
+            h, indices[:, 0], expert_ids.shape[0], cfg.dispersion, key_padding_mask, cfg.sync_stats, expert_ids,
+            group,
+        )
+        s = dev_sums / denom
+        valid = _batch_valid(counts, cfg)
+    if running is not None:
+        valid, disp = seen, running.to(_stat_dtype(h.dtype))
+    else:
+        disp = s
+    m = _normalise((disp + cfg.eps).reciprocal_(), valid, cfg.tau, cfg.norm, cfg.global_ref)
+    return token_metric(m, indices, weights, cfg.mix), m, valid, counts, s
+
+
+_fused_transform = fused(_transform)
+
+
 class AdaptiveMetric(nn.Module):
     """The AC transform as a module, holding the running statistics for ``stats="ema"|"running"``.
 
@@ -343,22 +387,21 @@ class AdaptiveMetric(nn.Module):
         cfg = self.config
         if not self.deferred_commit:
             self.commit()
-        counts = None
-        if self.training or cfg.stats == "batch":
-            dev_sums, denom, counts = _segment_sums(
-                h, indices[:, 0], self.num_experts, cfg.dispersion, key_padding_mask, cfg.sync_stats,
-                self.expert_ids, self.sync_group,
+        use_batch = self.training or cfg.stats == "batch"
+        use_running = cfg.stats == "running" or (cfg.stats == "ema" and not self.training)
+        running = (self.running_dispersion, self.running_seen) if use_running else (None, None)
+        if use_batch and cfg.sync_stats:  # a collective in the middle: eager
+            m_tok, m, valid, counts, s = _transform(
+                h, indices, weights, key_padding_mask, self.expert_ids, *running, cfg, use_batch, self.sync_group
             )
-            valid = counts >= cfg.min_count if cfg.mask_invalid else torch.ones_like(counts, dtype=torch.bool)
-            s = dev_sums / denom
-            if cfg.stats != "batch" and self.training:
-                self.pending_dispersion.copy_(s)
-                self.pending_valid.copy_(valid)
-        if cfg.stats == "running" or (cfg.stats == "ema" and not self.training):
-            valid = self.running_seen
-            s = self.running_dispersion.to(_stat_dtype(h.dtype))
-        m = _normalise((s + cfg.eps).reciprocal_(), valid, cfg.tau, cfg.norm, cfg.global_ref)
-        return token_metric(m, indices, weights, cfg.mix), ACStats(m, valid, counts)
+        else:
+            m_tok, m, valid, counts, s = _fused_transform(
+                h, indices, weights, key_padding_mask, self.expert_ids, *running, cfg, use_batch
+            )
+        if use_batch and cfg.stats != "batch" and self.training:
+            self.pending_dispersion.copy_(s)
+            self.pending_valid.copy_(_batch_valid(counts, cfg))
+        return m_tok, ACStats(m, valid, counts)
 
     @torch.no_grad()
     def commit(self) -> None:

@@ -1,0 +1,210 @@
+"""The compiled (fused) paths equal their eager reference and the loop oracles.
+
+``clusterformers.fused`` compiles the elliptical mean metric (mean and causal prefix mean) and the AC
+transform. Here fusion is on (the rest of the suite runs the eager code, see ``conftest.py``); each test
+compares the compiled function with the eager one on the same inputs, and checks that the compiled one
+really ran (a counter on ``torch.compile``) or, when compiling fails, that the eager code answers.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch._dynamo
+import torch._inductor.config
+from test_attention import ref_metric  # the loop oracle (the tests folder is on sys.path)
+
+import clusterformers.moe.adaptive as adaptive
+from clusterformers import fused as fused_mod
+from clusterformers.attention import EllipticalAttention, KVCache, _fused_mean_metric, elliptical_metric
+from clusterformers.moe.adaptive import ACConfig, AdaptiveMetric
+
+
+@pytest.fixture(autouse=True)
+def fusion_on(monkeypatch):
+    """Fusion on, scalar C++ kernels (half the g++ time on 2 cores; the setting the other compile tests use)."""
+    fused_mod.set_fused(True)
+    with torch._inductor.config.patch({"cpp.vec_isa_ok": False}):
+        yield
+    fused_mod.set_fused(False)
+
+
+@pytest.fixture
+def compiles(monkeypatch):
+    """Counts the graphs :func:`clusterformers.fused.fused` compiles from now on (fresh wrappers)."""
+    calls = []
+    real = torch.compile
+
+    def counting(fn, **kwargs):
+        compiled = real(fn, **kwargs)
+
+        def run(*args, **kw):
+            calls.append(fn.__name__)
+            return compiled(*args, **kw)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", counting)
+    return calls
+
+
+def _values(seed: int, dtype: torch.dtype = torch.float32, shape=(2, 3, 9, 8)) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=dtype), torch.randn(*shape, generator=g, dtype=dtype)
+
+
+def _mask(n: int = 9) -> torch.Tensor:
+    mask = torch.ones(2, n, dtype=torch.bool)
+    mask[1, 6:] = False
+    return mask
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_metric_compiled_equals_eager_and_the_loops(causal: bool, padded: bool, compiles) -> None:
+    wrapper = fused_mod.fused(_fused_mean_metric.eager)
+    v, v_prev = _values(0)
+    keep = _mask() if padded else None
+    keep4 = None if keep is None else keep[:, None, :, None]
+    m, finite = wrapper(v, v_prev, keep4, causal, 1e-6, False, True)
+    eager, eager_finite = _fused_mean_metric.eager(v, v_prev, keep4, causal, 1e-6, False, True)
+    assert compiles == ["_mean_metric"]
+    assert bool(finite) and bool(eager_finite)
+    torch.testing.assert_close(m, eager, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(m.double(), ref_metric(v, v_prev, keep, causal=causal), rtol=1e-5, atol=1e-6)
+    v[0, 1, 2, 3] = float("nan")
+    assert not bool(wrapper(v, v_prev, keep4, causal, 1e-6, False, True)[1])
+
+
+def test_metric_float64_isotropic_and_gradient_through_the_metric() -> None:
+    v, v_prev = _values(1, torch.float64)
+    keep = _mask()
+    for causal in (False, True):
+        fused_mod.set_fused(True)
+        m = elliptical_metric(v, v_prev, causal=causal, key_padding_mask=keep)
+        iso = elliptical_metric(v, v_prev, causal=causal, key_padding_mask=keep, estimator="isotropic")
+        fused_mod.set_fused(False)
+        torch.testing.assert_close(m, ref_metric(v, v_prev, keep, causal=causal), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            iso,
+            elliptical_metric(v, v_prev, causal=causal, key_padding_mask=keep, estimator="isotropic"),
+            rtol=1e-12,
+            atol=1e-12,
+        )
+    grads = []
+    for on in (True, False):
+        fused_mod.set_fused(on)
+        x = v.clone().requires_grad_(True)
+        weight = torch.linspace(-1, 1, 8, dtype=torch.float64)
+        (elliptical_metric(x, v_prev, causal=True, key_padding_mask=keep, detach=False) * weight).sum().backward()
+        grads.append(x.grad)
+    assert grads[1].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
+
+
+def test_metric_check_still_raises_on_nan_at_kept_tokens_only() -> None:
+    v, v_prev = _values(2)
+    keep = _mask()
+    v[1, 0, 7] = float("nan")  # a padded token: ignored
+    m = elliptical_metric(v, v_prev, key_padding_mask=keep, check_inputs=True)
+    assert torch.isfinite(m).all()
+    v[0, 0, 7] = float("nan")  # a kept one
+    with pytest.raises(ValueError, match="NaN or inf at kept positions"):
+        elliptical_metric(v, v_prev, key_padding_mask=keep, check_inputs=True)
+
+
+def test_attention_module_and_cached_decoding_with_fusion() -> None:
+    torch.manual_seed(3)
+    layer = EllipticalAttention(24, 3, causal=True)
+    x = torch.randn(2, 9, 24, requires_grad=True)
+    v_prev = torch.randn(2, 3, 9, 8)
+    out = {}
+    for on in (True, False):
+        fused_mod.set_fused(on)
+        x.grad = None
+        layer.zero_grad()
+        y = layer(x, _mask(), v_prev)
+        y.square().sum().backward()
+        out[on] = (y.detach(), x.grad.clone(), layer.qkv.weight.grad.clone())
+    for got, want in zip(out[True], out[False]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # cached decoding (eager prefix sums) equals the fused full pass
+    fused_mod.set_fused(True)
+    with torch.no_grad():
+        full = layer(x, v_prev=v_prev)
+        cache = KVCache()
+        steps = [layer(x[:, :4], v_prev=v_prev[:, :, :4], kv_cache=cache)]
+        for t in range(4, 9):
+            steps.append(layer(x[:, t : t + 1], v_prev=v_prev[:, :, : t + 1], kv_cache=cache))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_inside_an_outer_compile_is_traced_not_nested() -> None:
+    torch._dynamo.reset()
+    torch.manual_seed(4)
+    layer = EllipticalAttention(16, 2, check_inputs=False)
+    x, v_prev = torch.randn(2, 6, 16), torch.randn(2, 2, 6, 8)
+    compiled = torch.compile(layer, fullgraph=True)
+    got = compiled(x, _mask(6), v_prev)
+    fused_mod.set_fused(False)
+    torch.testing.assert_close(got, layer(x, _mask(6), v_prev), rtol=1e-5, atol=1e-6)
+
+
+def _routing(seed: int, tokens: int = 60, experts: int = 4, dim: int = 8):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(tokens, dim, generator=g)
+    indices = torch.stack([torch.randperm(experts, generator=g)[:2] for _ in range(tokens)])
+    weights = torch.softmax(torch.randn(tokens, 2, generator=g), dim=1)
+    keep = torch.rand(tokens, generator=g) > 0.2
+    return h, indices, weights, keep
+
+
+@pytest.mark.parametrize("stats", ["batch", "ema", "running"])
+def test_ac_transform_compiled_equals_eager(stats: str, compiles, monkeypatch) -> None:
+    monkeypatch.setattr(adaptive, "_fused_transform", fused_mod.fused(adaptive._transform))
+    cfg = ACConfig(stats=stats, mix=2 if stats == "running" else None)
+    fused_layer = AdaptiveMetric(4, 8, cfg)
+    eager_layer = copy.deepcopy(fused_layer)
+    for step, training in enumerate((True, True, False)):
+        h, indices, weights, keep = _routing(step)
+        fused_layer.train(training)
+        eager_layer.train(training)
+        m_tok, st = fused_layer(h, indices, weights, keep)
+        fused_mod.set_fused(False)
+        want, want_st = eager_layer(h, indices, weights, keep)
+        fused_mod.set_fused(True)
+        torch.testing.assert_close(m_tok, want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(st.metric, want_st.metric, rtol=1e-6, atol=1e-6)
+        assert torch.equal(st.valid, want_st.valid)
+        assert (st.counts is None) == (want_st.counts is None)
+    assert (m_tok - 1).abs().max() > 0.1  # a metric that is not the identity
+    for name, buf in fused_layer.named_buffers():
+        torch.testing.assert_close(buf, dict(eager_layer.named_buffers())[name], rtol=1e-6, atol=1e-6)
+    assert compiles and set(compiles) == {"_transform"}
+
+
+def test_a_failed_compile_falls_back_to_eager_once(monkeypatch, caplog) -> None:
+    def broken(fn, **kwargs):
+        def run(*args, **kw):
+            raise torch._dynamo.exc.TorchDynamoException("no C++ compiler")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    calls = []
+
+    def double(x: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return 2 * x
+
+    wrapper = fused_mod.fused(double)
+    with caplog.at_level(logging.WARNING, logger="clusterformers.fused"):
+        assert torch.equal(wrapper(torch.ones(3)), torch.full((3,), 2.0))
+        assert torch.equal(wrapper(torch.ones(2)), torch.full((2,), 2.0))
+    assert len(calls) == 2
+    assert sum("runs eagerly" in r.message for r in caplog.records) == 1
+    fused_mod.set_fused(False)  # off: the eager code without asking torch.compile
+    assert torch.equal(fused_mod.fused(double)(torch.ones(1)), torch.full((1,), 2.0))
