@@ -20,6 +20,7 @@ from clusterformers.moe import (
     XMoERouter,
     adaptive_metric,
 )
+from clusterformers.moe.routers import top_k_lower_index
 
 D, E, K, T = 6, 5, 2, 23
 
@@ -225,3 +226,19 @@ def test_random_router_is_frozen_and_xmoe_temperature_is_learnable():
     assert not any(p.requires_grad for p in RandomRouter(D, E, K).parameters())
     assert XMoERouter(D, E, K).temperature.requires_grad
     assert math.isclose(XMoERouter(D, E, K).temperature.item(), 0.5)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 6])
+def test_top_k_equals_the_stable_sort_with_ties_and_infinities(k):
+    g = torch.Generator().manual_seed(k)
+    logits = torch.randint(-2, 3, (200, 8), generator=g).double()  # many ties
+    logits[torch.rand(200, 8, generator=g) < 0.2] = float("-inf")
+    logits[:3] = float("-inf")  # rows with nothing but -inf
+    top, indices = top_k_lower_index(logits, k)
+    want_top, want_idx = torch.sort(logits, dim=1, descending=True, stable=True)
+    assert torch.equal(indices, want_idx[:, :k])
+    assert torch.equal(top, want_top[:, :k])
+    assert (indices.sort(1).values.diff(1) > 0).all()  # k distinct experts per row
+    # negative control: the rule "ties to the higher index" picks other experts on these ties
+    higher = logits.shape[1] - 1 - top_k_lower_index(logits.flip(1), k)[1]
+    assert not torch.equal(higher, want_idx[:, :k])

@@ -103,7 +103,7 @@ def _module_record(n: int, causal: bool, device: torch.device, warmup: int, reps
     grad = torch.randn(B, n, dim, device=device, generator=g)
 
     steps = {
-        name: _fwd_bwd(lambda layer=layer: layer(x, v_prev=v_prev)[0], [x, *layer.parameters()], grad)
+        name: _fwd_bwd(lambda layer=layer: layer(x, v_prev=v_prev), [x, *layer.parameters()], grad)
         for name, layer in (("plain", plain), ("ours", ours))
     }
     times = interleaved(steps, warmup, reps, device)

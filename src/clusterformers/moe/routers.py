@@ -123,6 +123,32 @@ def _fp32_context(device: torch.device) -> torch.autocast:
     return torch.autocast(device_type=device.type, enabled=False)
 
 
+SORT_ABOVE_K = 4  # top_k_lower_index: k rounds of argmax up to this k, a full stable sort above
+
+
+def top_k_lower_index(logits: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest logits per row, descending, ties to the lower index: the first ``k`` columns of a
+    stable descending sort, ``(values[T, k], indices[T, k])``.
+
+    For small ``k`` it takes ``k`` rounds of ``argmax`` (which returns the first maximum) instead of sorting
+    all E columns: at E = 128 the sort cost more than the rest of the router.
+    """
+    if k > SORT_ABOVE_K:
+        top, indices = torch.sort(logits, dim=1, descending=True, stable=True)
+        return top[:, :k], indices[:, :k]
+    taken = torch.zeros_like(logits, dtype=torch.bool)
+    picks = []
+    for _ in range(k):
+        pick = torch.where(taken, float("-inf"), logits).argmax(dim=1, keepdim=True)
+        # a row whose remaining logits are all -inf: argmax may return a taken column; take the first free one
+        first_free = (~taken).to(torch.uint8).argmax(dim=1, keepdim=True)
+        pick = torch.where(taken.gather(1, pick), first_free, pick)
+        taken = taken.scatter(1, pick, True)
+        picks.append(pick)
+    indices = torch.cat(picks, dim=1)
+    return logits.gather(1, indices), indices
+
+
 class Router(nn.Module):
     """A top-k router.
 
@@ -232,9 +258,7 @@ class Router(nn.Module):
         logits = self.logits(u)
         if self.training and self.noise > 0:
             logits = logits + torch.randn_like(logits) * (self.noise / self.num_experts)
-        # a stable descending sort: column 0 is the argmax and ties go to the lower index
-        top, indices = torch.sort(logits, dim=1, descending=True, stable=True)
-        top, indices = top[:, : self.top_k], indices[:, : self.top_k]
+        top, indices = top_k_lower_index(logits, self.top_k)
         if self.gate == "softmax_selected":
             weights = torch.softmax(top, dim=1)
         else:
