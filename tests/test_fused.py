@@ -153,6 +153,15 @@ def test_attention_inside_an_outer_compile_is_traced_not_nested() -> None:
     torch.testing.assert_close(got, layer(x, _mask(6), v_prev), rtol=1e-5, atol=1e-6)
 
 
+def test_attention_exports_with_fusion_on() -> None:
+    torch.manual_seed(8)
+    attn = EllipticalAttention(16, 2, check_inputs=False).eval()
+    x, v_prev = torch.randn(2, 6, 16), torch.randn(2, 2, 6, 8)
+    program = torch.export.export(attn, (x, _mask(6), v_prev))
+    fused_mod.set_fused(False)
+    torch.testing.assert_close(program.module()(x, _mask(6), v_prev), attn(x, _mask(6), v_prev), rtol=1e-5, atol=1e-6)
+
+
 def _routing(seed: int, tokens: int = 60, experts: int = 4, dim: int = 8):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(tokens, dim, generator=g)

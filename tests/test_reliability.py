@@ -110,8 +110,8 @@ def test_attention_refuses_nan_values_and_overflow_instead_of_a_silent_result() 
     torch.testing.assert_close(out, layer(x, key_padding_mask=keep, v_prev=clean))
     with pytest.raises(ValueError, match="NaN or inf"):
         elliptical_metric(torch.randn(2, 2, 5, 4), bad)
-    with pytest.raises(ValueError, match="attention output is not finite"):
-        layer(torch.full((2, 5, 8), 1e20))
+    with pytest.raises(ValueError, match="query-key scores can overflow"):
+        layer(torch.full((2, 5, 8), 1e20))  # some CPU SDPA kernels return zeros here, others NaN
     assert EllipticalAttention(8, 2, check_inputs=False)(x, v_prev=bad).shape == (2, 5, 8)  # unchecked: no error
 
 

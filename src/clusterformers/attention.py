@@ -393,6 +393,20 @@ class _Attention(StatefulLayer, nn.Module):
             mask = tri if mask is None else mask & tri
         return mask
 
+    def _check_scores(self, q: Tensor, k: Tensor, x: Tensor) -> None:
+        """Refuse inputs whose query-key scores can overflow: ``max|q| · max|k| · D · scale`` bounds every score.
+
+        Some CPU SDPA kernels return zeros, not NaN, for overflowing scores, so a check of the output alone
+        would miss them. Reads two scalars on the host (value checks only)."""
+        scale = self.scale if self.scale is not None else self.head_dim**-0.5
+        bound = float(q.detach().abs().amax()) * float(k.detach().abs().amax()) * self.head_dim * abs(scale)
+        acc = torch.promote_types(q.dtype, torch.float32)  # SDPA accumulates half-precision scores in float32
+        if not bound < torch.finfo(acc).max:
+            raise ValueError(
+                f"the query-key scores can overflow {acc} (max |q| · max |k| · D · scale = {bound:.3g}, max |x| "
+                f"= {x.abs().max().item():.3g}); normalise the inputs (e.g. a LayerNorm before attention)"
+            )
+
     def forward(
         self,
         x: Tensor,
@@ -451,6 +465,8 @@ class _Attention(StatefulLayer, nn.Module):
                 self.last_metric = m.detach()
             q = q * m
         self.write_state(v)
+        if check:
+            self._check_scores(q, k, x)
         mask = self._attn_mask(key_padding_mask, n, kv_len, x.device)
         out = F.scaled_dot_product_attention(
             q,
