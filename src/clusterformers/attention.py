@@ -9,6 +9,9 @@ Both modules return a Tensor, like any attention layer. The values a later ellip
 through the model's shared :class:`~clusterformers.state.LayerState` (see
 :func:`clusterformers.share_state`), or by hand with ``return_values=True`` and ``v_prev=``.
 
+The mean and causal prefix-mean metric run through ``torch.compile`` (:mod:`clusterformers.fused`), with
+the eager code as the reference and the fallback.
+
 Masks follow ``F.scaled_dot_product_attention``: ``key_padding_mask`` is bool ``[B, N]`` with
 **True = keep** (a real token) and False = padding, the opposite of ``torch.nn.MultiheadAttention``.
 """

@@ -10,7 +10,8 @@ static shapes (``torch.compile`` traces it whole). The per-cluster sums are one-
 (``onehot[T,E]^T @ h``) rather than ``index_add_``: as fast (measured on CPU and an H200) and
 deterministic, where CUDA's ``index_add_`` accumulates with atomics in arbitrary order. Statistics are
 computed in at least float32 (float64 inputs stay float64), also under autocast; the GEMMs follow
-``torch.backends.cuda.matmul``'s TF32 setting (off by default).
+``torch.backends.cuda.matmul``'s TF32 setting (off by default). The module's transform runs through
+``torch.compile`` (:mod:`clusterformers.fused`; eager with ``sync_stats``), the eager code as the reference.
 """
 
 from __future__ import annotations
