@@ -24,7 +24,7 @@ from clusterformers.moe.adaptive import ACConfig, AdaptiveMetric
 
 
 @pytest.fixture(autouse=True)
-def fusion_on(monkeypatch):
+def fusion_on():
     """Fusion on, scalar C++ kernels (half the g++ time on 2 cores; the setting the other compile tests use)."""
     fused_mod.set_fused(True)
     with torch._inductor.config.patch({"cpp.vec_isa_ok": False}):
@@ -34,7 +34,8 @@ def fusion_on(monkeypatch):
 
 @pytest.fixture
 def compiles(monkeypatch):
-    """Counts the graphs :func:`clusterformers.fused.fused` compiles from now on (fresh wrappers)."""
+    """The name of the function behind every call that runs through ``torch.compile`` from now on (wrappers made
+    by :func:`clusterformers.fused.fused` after this fixture; earlier ones hold their compiled function)."""
     calls = []
     real = torch.compile
 
