@@ -1,9 +1,10 @@
 """The compiled (fused) paths equal their eager reference and the loop oracles.
 
-``clusterformers.fused`` compiles the elliptical mean metric (mean and causal prefix mean) and the AC
-transform. Here fusion is on (the rest of the suite runs the eager code, see ``conftest.py``); each test
-compares the compiled function with the eager one on the same inputs, and checks that the compiled one
-really ran (a counter on ``torch.compile``) or, when compiling fails, that the eager code answers.
+``clusterformers.fused`` compiles the elliptical mean metric (mean and causal prefix mean), the AC
+transform and the contrastive losses' blockwise logsumexp and its gradient. Here fusion is on (the rest of
+the suite runs the eager code, see ``conftest.py``); each test compares the compiled function with the eager
+one on the same inputs, and checks that the compiled one really ran (a counter on ``torch.compile``) or,
+when compiling fails, that the eager code answers.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch._dynamo
 import torch._inductor.config
 from test_attention import ref_metric  # the loop oracle (the tests folder is on sys.path)
 
+import clusterformers.contrastive.nce as nce
 import clusterformers.moe.adaptive as adaptive
 from clusterformers import fused as fused_mod
 from clusterformers.attention import EllipticalAttention, KVCache, _fused_mean_metric, elliptical_metric
@@ -194,6 +196,30 @@ def test_ac_transform_compiled_equals_eager(stats: str, compiles, monkeypatch) -
     for name, buf in fused_layer.named_buffers():
         torch.testing.assert_close(buf, dict(eager_layer.named_buffers())[name], rtol=1e-6, atol=1e-6)
     assert compiles and set(compiles) == {"_transform"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_blockwise_nce_compiled_equals_the_dense_loss(dtype, compiles, monkeypatch) -> None:
+    from clusterformers.contrastive import functional as fn
+
+    monkeypatch.setattr(nce, "_fused_block_logsumexp", fused_mod.fused(nce._block_logsumexp, dynamic=False))
+    monkeypatch.setattr(nce, "_fused_block_softmax_", fused_mod.fused(nce._block_softmax_, dynamic=False))
+    g = torch.Generator().manual_seed(3)
+    b, d = 90, 8
+    z1, z2 = (torch.randn(b, d, generator=g, dtype=dtype, requires_grad=True) for _ in range(2))
+    sens = torch.rand(b, 3, generator=g, dtype=dtype)
+    w_q, w_k = (torch.randn(16, 3, generator=g, dtype=dtype, requires_grad=True) for _ in range(2))
+    tol = {"rtol": 0, "atol": 1e-12 if dtype == torch.float64 else 2e-6}
+    for options in ({}, {"negatives": "cross", "mask_self": False}):
+        fused_mod.set_fused(False)
+        dense = fn.fare(z1, z2, sens, w_q, w_k, chunk_size=None, **options)
+        grads = torch.autograd.grad(dense, (z1, z2, w_q, w_k))
+        fused_mod.set_fused(True)
+        blocked = fn.fare(z1, z2, sens, w_q, w_k, chunk_size=40, **options)  # blocks of 40, 40 and 10 rows
+        torch.testing.assert_close(blocked, dense, **tol)
+        for a, c in zip(torch.autograd.grad(blocked, (z1, z2, w_q, w_k)), grads):
+            torch.testing.assert_close(a, c, **tol)
+    assert set(compiles) == {"_block_logsumexp", "_block_softmax_"}
 
 
 def test_a_failed_compile_falls_back_to_eager_once(monkeypatch, caplog) -> None:

@@ -14,7 +14,10 @@ A fused function runs its eager code instead when
   logged once and the eager code is used from then on.
 
 The first call with a new dtype, device or option compiles (seconds); later calls reuse the graph, also
-for new sizes (``dynamic=True``).
+for new sizes (``dynamic=True``). A function fused with ``dynamic=False`` compiles once per shape instead:
+inductor's CPU code for a reduction over a row of symbolic length can be several times slower than the
+eager op, while the static one is several times faster (the contrastive losses' blockwise logsumexp, whose
+shapes are fixed by the batch size). After ``torch._dynamo.config.recompile_limit`` shapes it runs eagerly.
 """
 
 from __future__ import annotations
@@ -54,8 +57,9 @@ def _compile_supported() -> bool:
         return False
 
 
-def fused(fn: F) -> F:
-    """``fn`` compiled with ``torch.compile(dynamic=True)`` on first use, or ``fn`` itself (module docstring)."""
+def fused(fn: F, *, dynamic: bool = True) -> F:
+    """``fn`` compiled with ``torch.compile(dynamic=dynamic)`` on first use, or ``fn`` itself (module
+    docstring)."""
     compiled: Callable[..., Any] | None = None
     broken = False
 
@@ -69,7 +73,7 @@ def fused(fn: F) -> F:
                 broken = True
                 log.warning("torch.compile is not supported here; %s runs eagerly", fn.__qualname__)
                 return fn(*args, **kwargs)
-            compiled = torch.compile(fn, dynamic=True)
+            compiled = torch.compile(fn, dynamic=dynamic)
         try:
             return compiled(*args, **kwargs)
         except torch._dynamo.exc.TorchDynamoException as err:

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
+
+from clusterformers.fused import fused
 
 NEGATIVES = ("both", "cross")
 
@@ -223,6 +224,97 @@ def chunk_rows(chunk_size: int | str | None, b: int) -> int:
     return min(chunk_size, b)
 
 
+def _block_logsumexp(s: Tensor, lw: Tensor, pos: Tensor) -> Tensor:
+    """``log(e^{pos} + Σ_{v', j} e^{s[i, v, v', j] + lw[i, j]})`` per (anchor i, view v): ``[r, 2]``.
+
+    ``s`` is ``[r, 2, 2, b]`` (anchor, anchor view, negative view, negative) with the non-negatives already at
+    ``-inf``; ``lw`` ``[r, b]``; ``pos`` ``[r, 2]`` finite, so the result is finite.
+    """
+    r, _, _, b = s.shape
+    x = (s + lw[:, None, None, :]).view(r, 2, 2 * b)
+    m = torch.maximum(x.amax(dim=-1), pos)
+    return m + torch.log(torch.exp(x - m[..., None]).sum(dim=-1) + torch.exp(pos - m))
+
+
+def _block_softmax_(s: Tensor, lw: Tensor, lse: Tensor, grad: Tensor) -> Tensor:
+    """``grad · e^{s + lw − lse}``, the gradient of :func:`_block_logsumexp` with respect to ``s``, written
+    into ``s`` (``[r, 2, 2, b]``) in place."""
+    return s.add_(lw[:, None, None, :]).sub_(lse[:, :, None, None]).exp_().mul_(grad[:, :, None, None])
+
+
+# Static shapes: with a symbolic row length, inductor's CPU code for this reduction is slower than eager's.
+_fused_block_logsumexp = fused(_block_logsumexp, dynamic=False)
+_fused_block_softmax_ = fused(_block_softmax_, dynamic=False)
+
+
+def _block_logits(xq: Tensor, xk_t: Tensor, start: int, cross_only: bool, out: Tensor) -> Tensor:
+    """The logits of anchors ``start : start + r`` (rows of ``xq``, ``[2r, d]`` in (anchor, view) order)
+    against all ``2b`` negatives, ``[r, 2, 2, b]``, written into ``out``; the same-view self pairs (or, for
+    ``cross_only``, all same-view pairs) are ``-inf``."""
+    r, b = xq.shape[0] // 2, xk_t.shape[1] // 2
+    s = torch.mm(xq, xk_t, out=out[: 2 * r]).view(r, 2, 2, b)
+    for view in (0, 1):
+        same = s[:, view, view]
+        (same if cross_only else same[:, start : start + r].diagonal()).fill_(float("-inf"))
+    return s
+
+
+class _BlockwiseLogSumExp(torch.autograd.Function):
+    """Each anchor's and view's logsumexp of :func:`blockwise_nce`, ``[b, 2]``, one block of anchors at a time.
+
+    Nothing of size ``b²`` is kept: the forward keeps only the ``[b, 2]`` result, and the backward recomputes
+    each block's logits and ``log W`` rows (as attention kernels do), so memory is ``O(chunk · b)``.
+    """
+
+    @staticmethod
+    def forward(ctx, xq: Tensor, xk: Tensor, pos: Tensor, chunk: int, cross_only: bool,
+                log_w_rows: Callable[..., Tensor], *inputs: Tensor) -> Tensor:
+        b = pos.shape[0]
+        xq_rows, xk_t = xq.reshape(2 * b, -1), xk.T.contiguous()
+        buf = xq.new_empty(2 * min(chunk, b), 2 * b)
+        parts = []
+        for start in range(0, b, chunk):
+            stop = min(b, start + chunk)
+            s = _block_logits(xq_rows[2 * start : 2 * stop], xk_t, start, cross_only, buf)
+            lw = log_w_rows(*inputs, start, stop).to(s.dtype)
+            parts.append(_fused_block_logsumexp(s, lw, pos[start:stop]))
+        lse = torch.cat(parts)
+        ctx.save_for_backward(xq, xk, pos, lse, *inputs)
+        ctx.options = (chunk, cross_only, log_w_rows)
+        return lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+        xq, xk, pos, lse, *inputs = ctx.saved_tensors
+        chunk, cross_only, log_w_rows = ctx.options
+        b = pos.shape[0]
+        xq_rows, xk_t = xq.reshape(2 * b, -1), xk.T.contiguous()
+        buf = xq.new_empty(2 * min(chunk, b), 2 * b)
+        grad_xq, grad_xk = torch.empty_like(xq_rows), torch.zeros_like(xk)
+        leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
+        wanted = [leaf for leaf in leaves if leaf.requires_grad]
+        grad_wanted = [torch.zeros_like(leaf) for leaf in wanted]
+        for start in range(0, b, chunk):
+            stop = min(b, start + chunk)
+            rows = slice(2 * start, 2 * stop)
+            with torch.enable_grad():
+                lw = log_w_rows(*leaves, start, stop)
+            s = _block_logits(xq_rows[rows], xk_t, start, cross_only, buf)
+            p = _fused_block_softmax_(s, lw.detach().to(s.dtype), lse[start:stop], grad[start:stop])
+            torch.mm(p.view(2 * (stop - start), 2 * b), xk, out=grad_xq[rows])
+            grad_xk.addmm_(p.view(2 * (stop - start), 2 * b).T, xq_rows[rows])
+            if wanted and lw.requires_grad:
+                grad_lw = p.view(stop - start, 4, b).sum(dim=1).to(lw.dtype)
+                for acc, g in zip(grad_wanted, torch.autograd.grad(lw, wanted, grad_lw, allow_unused=True)):
+                    if g is not None:
+                        acc += g
+        grad_pos = grad * torch.exp(pos - lse)
+        found = iter(grad_wanted)
+        grad_inputs = [next(found) if leaf.requires_grad else None for leaf in leaves]
+        return grad_xq.view_as(xq), grad_xk, grad_pos, None, None, None, *grad_inputs
+
+
 def blockwise_nce(
     z1: Tensor,
     z2: Tensor,
@@ -234,28 +326,28 @@ def blockwise_nce(
     symmetric: bool = True,
 ) -> Tensor:
     """:func:`weighted_nce` with a dense ``log W`` that is never held whole: anchors go in blocks of ``chunk``,
-    each block's log-weights, similarities and logsumexp recomputed in the backward pass (activation
-    checkpointing), so memory is ``O(chunk · b)`` instead of ``O(b²)``. Loss and gradients equal the dense
-    computation's up to rounding.
+    and the backward pass recomputes each block's similarities and ``log W`` rows instead of keeping them, so
+    memory is ``O(chunk · b)`` instead of ``O(b²)``. Loss and gradients equal the dense computation's up to
+    rounding. The logsumexp and its gradient over each block are compiled kernels (:mod:`clusterformers.fused`,
+    one graph per block shape); the matmuls are the library's.
 
     Args:
         z1, z2: ``[b, d]`` embeddings of the two views.
         log_w_rows: ``log_w_rows(*inputs, start, stop)`` -> ``[stop − start, b]``, the rows ``start:stop`` of
-            ``log W`` (gradients flow to ``inputs``).
+            ``log W`` (gradients flow to ``inputs``); ``log W[i, i]`` weights the extra cross-view term
+            ``e^{S_ii}`` as in :func:`weighted_nce`.
         inputs: the tensors ``log_w_rows`` reads (saved once, not per block).
         chunk: anchors per block (>= 1).
         temperature, negatives, symmetric: as :func:`weighted_nce`.
     """
-    b = z1.shape[0]
-    keys = torch.arange(b, device=z1.device)[None]
-
-    def block(z1: Tensor, z2: Tensor, start: int, stop: int, *inputs: Tensor) -> Tensor:
-        query = torch.arange(start, stop, device=z1.device)[None]
-        log_w = log_w_rows(*inputs, start, stop)[None]
-        return weighted_nce_rows(z1, z2, LogWeightBlocks(query, keys, log_w), temperature, negatives, symmetric)
-
-    rows = None
-    for start in range(0, b, chunk):
-        part = checkpoint(block, z1, z2, start, min(b, start + chunk), *inputs, use_reentrant=False)
-        rows = part if rows is None else rows + part  # anchors outside a block contribute exactly 0
-    return rows.mean()
+    if negatives not in NEGATIVES:
+        raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    u, v = unit_rows(z1), unit_rows(z2)
+    pos = ((u * v).sum(dim=1) / temperature)[:, None].expand(-1, 2)  # [b, 2]: the positive of both views
+    xq = torch.stack([u, v], dim=1) / temperature  # [b, 2, d]: anchors in (anchor, view) order
+    xk = torch.cat([u, v])  # [2b, d]: negatives in (view, negative) order
+    lse = _BlockwiseLogSumExp.apply(xq, xk, pos, chunk, negatives == "cross", log_w_rows, *inputs)
+    rows = (lse - pos).T.reshape(-1)  # [ℓ¹_0..ℓ¹_{b-1}, ℓ²_0..ℓ²_{b-1}]
+    return (rows if symmetric else rows[: z1.shape[0]]).mean()
