@@ -199,11 +199,12 @@ def test_ac_transform_compiled_equals_eager(stats: str, compiles, monkeypatch) -
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_blockwise_nce_compiled_equals_the_dense_loss(dtype, compiles, monkeypatch) -> None:
+def test_blockwise_fare_compiled_equals_the_dense_loss(dtype, compiles, monkeypatch) -> None:
     from clusterformers.contrastive import functional as fn
 
     monkeypatch.setattr(nce, "_fused_block_logsumexp", fused_mod.fused(nce._block_logsumexp, dynamic=False))
     monkeypatch.setattr(nce, "_fused_block_softmax_", fused_mod.fused(nce._block_softmax_, dynamic=False))
+    monkeypatch.setattr(fn, "_fused_shifted_log_softmax", fused_mod.fused(fn._shifted_log_softmax, dynamic=False))
     g = torch.Generator().manual_seed(3)
     b, d = 90, 8
     z1, z2 = (torch.randn(b, d, generator=g, dtype=dtype, requires_grad=True) for _ in range(2))
@@ -219,7 +220,7 @@ def test_blockwise_nce_compiled_equals_the_dense_loss(dtype, compiles, monkeypat
         torch.testing.assert_close(blocked, dense, **tol)
         for a, c in zip(torch.autograd.grad(blocked, (z1, z2, w_q, w_k)), grads):
             torch.testing.assert_close(a, c, **tol)
-    assert set(compiles) == {"_block_logsumexp", "_block_softmax_"}
+    assert set(compiles) == {"_block_logsumexp", "_block_softmax_", "_shifted_log_softmax"}
 
 
 def test_a_failed_compile_falls_back_to_eager_once(monkeypatch, caplog) -> None:

@@ -43,6 +43,7 @@ from clusterformers.contrastive.nce import (
     segment_logsumexp,
     weighted_nce,
 )
+from clusterformers.fused import fused
 
 DIAG_ROWS = 512
 SCORES = ("dot", "neg_sqdist")
@@ -373,7 +374,15 @@ def _fare_log_weights(q: Tensor, k: Tensor, rho: float, score: str, neg_scale: s
         # no autograd needed: the softmax gives the -inf entries exactly zero gradient
         with torch.no_grad():
             att.diagonal(offset=start).fill_(_NEG_INF)
-    return _log_scale(k.shape[0], neg_scale) + torch.log_softmax(att, dim=1)
+    return _fused_shifted_log_softmax(att, _log_scale(k.shape[0], neg_scale))
+
+
+def _shifted_log_softmax(att: Tensor, shift: float) -> Tensor:
+    """``shift + log_softmax(att)`` over rows (``[r, b]``)."""
+    return shift + torch.log_softmax(att, dim=1)
+
+
+_fused_shifted_log_softmax = fused(_shifted_log_softmax, dynamic=False)  # static: see clusterformers.fused
 
 
 def _fare_chunked(z1: Tensor, z2: Tensor, zhat: Tensor, q: Tensor, k: Tensor, rho: float, score: str,
