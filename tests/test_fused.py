@@ -202,9 +202,10 @@ def test_ac_transform_compiled_equals_eager(stats: str, compiles, monkeypatch) -
 def test_blockwise_fare_compiled_equals_the_dense_loss(dtype, compiles, monkeypatch) -> None:
     from clusterformers.contrastive import functional as fn
 
-    monkeypatch.setattr(nce, "_fused_block_logsumexp", fused_mod.fused(nce._block_logsumexp, dynamic=False))
-    monkeypatch.setattr(nce, "_fused_block_softmax_", fused_mod.fused(nce._block_softmax_, dynamic=False))
-    monkeypatch.setattr(fn, "_fused_shifted_log_softmax", fused_mod.fused(fn._shifted_log_softmax, dynamic=False))
+    for name in ("_tile_logsumexp", "_tile_pair_logsumexp", "_tile_softmax_", "_tile_pair_softmax_"):
+        monkeypatch.setattr(nce, f"_fused{name}", fused_mod.fused(getattr(nce, name), dynamic=False))
+    for name in ("_shifted_log_softmax", "_row_logsumexp"):
+        monkeypatch.setattr(fn, f"_fused{name}", fused_mod.fused(getattr(fn, name), dynamic=False))
     g = torch.Generator().manual_seed(3)
     b, d = 90, 8
     z1, z2 = (torch.randn(b, d, generator=g, dtype=dtype, requires_grad=True) for _ in range(2))
@@ -216,11 +217,13 @@ def test_blockwise_fare_compiled_equals_the_dense_loss(dtype, compiles, monkeypa
         dense = fn.fare(z1, z2, sens, w_q, w_k, chunk_size=None, **options)
         grads = torch.autograd.grad(dense, (z1, z2, w_q, w_k))
         fused_mod.set_fused(True)
-        blocked = fn.fare(z1, z2, sens, w_q, w_k, chunk_size=40, **options)  # blocks of 40, 40 and 10 rows
-        torch.testing.assert_close(blocked, dense, **tol)
-        for a, c in zip(torch.autograd.grad(blocked, (z1, z2, w_q, w_k)), grads):
-            torch.testing.assert_close(a, c, **tol)
-    assert set(compiles) == {"_block_logsumexp", "_block_softmax_", "_shifted_log_softmax"}
+        for chunk in (None, 40):  # dense (compiled log-softmax), and tiles of blocks of 40, 40 and 10 anchors
+            loss = fn.fare(z1, z2, sens, w_q, w_k, chunk_size=chunk, **options)
+            torch.testing.assert_close(loss, dense, **tol)
+            for a, c in zip(torch.autograd.grad(loss, (z1, z2, w_q, w_k)), grads):
+                torch.testing.assert_close(a, c, **tol)
+    assert set(compiles) == {"_tile_logsumexp", "_tile_pair_logsumexp", "_tile_softmax_", "_tile_pair_softmax_",
+                             "_shifted_log_softmax", "_row_logsumexp"}
 
 
 def test_a_failed_compile_falls_back_to_eager_once(monkeypatch, caplog) -> None:

@@ -24,6 +24,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from clusterformers.contrastive.diagnostics import weighting_diagnostics
 from clusterformers.contrastive.inputs import (
@@ -95,7 +96,7 @@ def info_nce(
         temperature, negatives, symmetric: see :func:`~.nce.weighted_nce`.
         check_inputs: raise on NaN/Inf.
         return_stats: also return the stats dict.
-        chunk_size: anchors per row block (memory ``O(chunk_size · b)``, see :func:`~.nce.blockwise_nce`);
+        chunk_size: anchors per block (memory ``O(chunk_size²)`` for the logits, see :func:`~.nce.blockwise_nce`);
             ``"auto"``: dense up to ``b = 1024``, blocks of 512 above; ``None``: always dense.
     """
     z1, z2 = check_embeddings(z1, z2, check_inputs)
@@ -103,19 +104,23 @@ def info_nce(
     nce = {"temperature": temperature, "negatives": negatives, "symmetric": symmetric}
     stats = {"support": float(b - 1), "empty_rows": 0.0}
 
-    def rows(start: int, stop: int) -> Tensor:
-        return _mask_diagonal(torch.zeros(stop - start, b, dtype=z1.dtype, device=z1.device), start)
+    def block(rows: slice, cols: slice) -> Tensor:
+        log_w = torch.zeros(rows.stop - rows.start, cols.stop - cols.start, dtype=z1.dtype, device=z1.device)
+        return _mask_self(log_w, rows, cols)
 
     chunk = chunk_rows(chunk_size, b)
     if chunk < b:
-        loss = blockwise_nce(z1, z2, rows, (), chunk, **nce)
+        loss = blockwise_nce(z1, z2, block, (), chunk, **nce)
         return (loss, {"loss": float(loss.detach()), **stats}) if return_stats else loss
-    return _finish(z1, z2, rows(0, b), nce, return_stats, stats)
+    return _finish(z1, z2, block(slice(0, b), slice(0, b)), nce, return_stats, stats)
 
 
-def _mask_diagonal(log_w: Tensor, start: int) -> Tensor:
-    """``log_w[r, start + r] = -inf``: the anchors' self pairs in the row block starting at ``start``."""
-    log_w.diagonal(offset=start).fill_(_NEG_INF)
+def _mask_self(log_w: Tensor, rows: slice, cols: slice) -> Tensor:
+    """``log_w[i, j] = -inf`` in place where anchor ``rows.start + i`` is ``cols.start + j``: the self pairs
+    of the block ``log W[rows, cols]``."""
+    offset = rows.start - cols.start
+    if -log_w.shape[0] < offset < log_w.shape[1]:
+        log_w.diagonal(offset=offset).fill_(_NEG_INF)
     return log_w
 
 
@@ -141,7 +146,7 @@ def fair_info_nce(
         discretizer: a fitted, batch-independent callable float ``[b, s]`` → long ``[b]``
             (:class:`~.discretize.KMeansDiscretizer`, :class:`~.discretize.GridDiscretizer`); required for
             a float attribute.
-        chunk_size: anchors per row block, as :func:`info_nce`.
+        chunk_size: anchors per block, as :func:`info_nce`.
 
     An anchor alone in its group has no negatives: ``ℓ = 0``, zero gradient (``stats["empty_rows"]``).
     """
@@ -168,17 +173,17 @@ def fair_info_nce(
         groups = sens
     nce = {"temperature": temperature, "negatives": negatives, "symmetric": symmetric}
 
-    def rows(groups: Tensor, start: int, stop: int) -> Tensor:
-        log_w = torch.zeros(stop - start, b, dtype=z1.dtype, device=z1.device)
-        return _mask_diagonal(log_w.masked_fill(groups[start:stop, None] != groups[None, :], _NEG_INF), start)
+    def block(groups: Tensor, rows: slice, cols: slice) -> Tensor:
+        log_w = torch.zeros(rows.stop - rows.start, cols.stop - cols.start, dtype=z1.dtype, device=z1.device)
+        return _mask_self(log_w.masked_fill(groups[rows, None] != groups[None, cols], _NEG_INF), rows, cols)
 
     chunk = chunk_rows(chunk_size, b)
     dist_z = (sens if sens.is_floating_point() else group_indicator(groups, z1.dtype)) if return_stats else None
     if chunk == b:
-        log_w = rows(groups, 0, b)
+        log_w = block(groups, slice(0, b), slice(0, b))
         return _finish(z1, z2, log_w, nce, return_stats, _dense_stats(log_w, dist_z, diagnostics) if return_stats
                        else {})
-    loss = blockwise_nce(z1, z2, rows, (groups,), chunk, **nce)
+    loss = blockwise_nce(z1, z2, block, (groups,), chunk, **nce)
     if not return_stats:
         return loss
     with torch.no_grad():
@@ -189,7 +194,7 @@ def fair_info_nce(
             r = min(b, DIAG_ROWS)
             not_self = ~torch.eye(b, dtype=torch.bool, device=z1.device)[:r]
             dist = torch.cdist(dist_z[:r].double(), dist_z.double())
-            stats.update(weighting_diagnostics(rows(groups, 0, r).exp(), dist, not_self))
+            stats.update(weighting_diagnostics(block(groups, slice(0, r), slice(0, b)).exp(), dist, not_self))
     return loss, {"loss": float(loss.detach()), **stats}
 
 
@@ -344,7 +349,7 @@ def fare(
         neg_scale: ``"b-1"`` (uniform attention = InfoNCE) or ``"none"`` (``W = p``).
         mask_self: exclude ``j = i`` from the softmax; False also weights ``e^{S_ii}`` by ``W_ii``.
         check_inputs: raise on NaN/Inf and on integer groups outside ``0..s-1``.
-        chunk_size: anchors per row block. Blocks are recomputed in the backward pass, so memory is
+        chunk_size: anchors per block. Tiles of blocks are recomputed in the backward pass, so memory is
             ``O(chunk_size · b)`` instead of ``O(b²)``; the loss and gradients equal the dense ones (up to
             rounding). ``"auto"``: dense up to ``b = 1024``, blocks of 512 above; ``None``: always dense.
     """
@@ -373,7 +378,7 @@ def _fare_log_weights(q: Tensor, k: Tensor, rho: float, score: str, neg_scale: s
     if mask_self:
         # no autograd needed: the softmax gives the -inf entries exactly zero gradient
         with torch.no_grad():
-            att.diagonal(offset=start).fill_(_NEG_INF)
+            _mask_self(att, slice(start, stop), slice(0, k.shape[0]))
     return _fused_shifted_log_softmax(att, _log_scale(k.shape[0], neg_scale))
 
 
@@ -385,16 +390,40 @@ def _shifted_log_softmax(att: Tensor, shift: float) -> Tensor:
 _fused_shifted_log_softmax = fused(_shifted_log_softmax, dynamic=False)  # static: see clusterformers.fused
 
 
+def _row_logsumexp(att: Tensor) -> Tensor:
+    """``logsumexp(att)`` over rows (``[r, b]`` -> ``[r]``)."""
+    return torch.logsumexp(att, dim=1)
+
+
+_fused_row_logsumexp = fused(_row_logsumexp, dynamic=False)  # compiled forward and backward
+
+
 def _fare_chunked(z1: Tensor, z2: Tensor, zhat: Tensor, q: Tensor, k: Tensor, rho: float, score: str,
                   neg_scale: str, mask_self: bool, nce: dict, chunk: int, return_stats: bool, diagnostics: bool
                   ) -> Tensor | tuple[Tensor, dict[str, float]]:
-    """FARE through :func:`~.nce.blockwise_nce`: memory grows as ``chunk · b`` instead of ``b²``."""
+    """FARE through :func:`~.nce.blockwise_nce`: memory grows as ``chunk · b`` instead of ``b²`` (the
+    attention normalisers go one row block at a time, the loss one tile of blocks at a time)."""
     b = z1.shape[0]
+    shift = _log_scale(b, neg_scale)
 
-    def rows(q: Tensor, k: Tensor, start: int, stop: int) -> Tensor:
-        return _fare_log_weights(q, k, rho, score, neg_scale, mask_self, start, stop)
+    def attention(q: Tensor, k: Tensor, rows: slice, cols: slice) -> Tensor:
+        att = _scores(q[rows], k[cols], rho, score)
+        if mask_self:
+            with torch.no_grad():  # the logsumexp and softmax give the -inf entries exactly zero gradient
+                _mask_self(att, rows, cols)
+        return att
 
-    loss = blockwise_nce(z1, z2, rows, (q, k), chunk, **nce)
+    def row_logsumexp(q: Tensor, k: Tensor, start: int, stop: int) -> Tensor:
+        return _fused_row_logsumexp(attention(q, k, slice(start, stop), slice(0, b)))
+
+    # each anchor's softmax normaliser, one row block at a time (recomputed in the backward pass)
+    lse = torch.cat([checkpoint(row_logsumexp, q, k, start, min(b, start + chunk), use_reentrant=False)
+                     for start in range(0, b, chunk)])
+
+    def block(q: Tensor, k: Tensor, lse: Tensor, rows: slice, cols: slice) -> Tensor:
+        return attention(q, k, rows, cols) + (shift - lse[rows])[:, None]
+
+    loss = blockwise_nce(z1, z2, block, (q, k, lse), chunk, **nce)
     if not return_stats:
         return loss
     with torch.no_grad():

@@ -173,7 +173,7 @@ def _gather_batch(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 
 class InfoNCELoss(ContrastiveLoss):
     """InfoNCE / NT-Xent (SimCLR). ``forward(z1, z2, sensitive=None, return_stats=False)``; ``sensitive`` is
-    accepted for a uniform signature and ignored. Above ``b = 1024`` it runs in row blocks (memory linear in
+    accepted for a uniform signature and ignored. Above ``b = 1024`` it runs in blocks of anchors (memory linear in
     ``b``, see :func:`~.nce.blockwise_nce`), as Fair-InfoNCE and FARE do."""
 
     uses_sensitive = False
@@ -249,7 +249,7 @@ class FARELoss(ContrastiveLoss):
         **kwargs: :class:`ContrastiveLoss` options.
 
     ``W_Q``, ``W_K`` start as a padded identity plus N(0, 0.01²) noise (global RNG); train them with the
-    encoder's optimiser and no weight decay. Above ``b = 1024`` the loss is computed in row blocks of 512
+    encoder's optimiser and no weight decay. Above ``b = 1024`` the loss is computed in tiles of 512 × 512
     anchors, recomputed in the backward pass, so its memory grows linearly in ``b`` (the values equal the
     dense computation's; ``functional.fare(..., chunk_size=None)`` is the dense one).
     """

@@ -18,7 +18,8 @@ all zero gets ``ℓ = 0`` with exactly zero gradient (never NaN). Dense weights 
 the positive, i.e. ``F.cross_entropy`` on the masked matrix when ``W_ii = 0``. The sorted SparseFARE path
 passes :class:`LogWeightBlocks`, never forms a ``b × b`` matrix, and takes each anchor's logsumexp over all
 its tiles and the positive at once (:func:`segment_logsumexp`). :func:`blockwise_nce` runs a dense ``log W``
-one block of anchors at a time, recomputing each block in the backward pass, so memory grows linearly in b.
+one square tile of anchors at a time, each tile serving both of its blocks, and recomputes the tiles in the
+backward pass, so memory stays linear in b.
 """
 
 from __future__ import annotations
@@ -209,7 +210,7 @@ def weighted_nce(
 
 
 CHUNK_AUTO_DENSE = 1024  # chunk_size="auto": dense up to this batch size,
-CHUNK_AUTO_ROWS = 512  # and row blocks of this many anchors above it (FARE at b = 8192: 0.24 GiB, not 3.8 GiB)
+CHUNK_AUTO_ROWS = 512  # and blocks of this many anchors above it
 
 
 def chunk_rows(chunk_size: int | str | None, b: int) -> int:
@@ -224,101 +225,153 @@ def chunk_rows(chunk_size: int | str | None, b: int) -> int:
     return min(chunk_size, b)
 
 
-def _block_logsumexp(s: Tensor, lw: Tensor, pos: Tensor) -> Tensor:
-    """``log(e^{pos} + Σ_{v', j} e^{s[i, v, v', j] + lw[i, j]})`` per (anchor i, view v): ``[r, 2]``.
+def _logsumexp(x: Tensor, dims: tuple[int, int]) -> Tensor:
+    """``torch.logsumexp`` over ``dims`` written out (so that inductor fuses it); all ``-inf`` gives ``-inf``."""
+    m = x.amax(dim=dims, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return (m + torch.log(torch.exp(x - m).sum(dim=dims, keepdim=True))).squeeze(dims)
 
-    ``s`` is ``[r, 2, 2, b]`` (anchor, anchor view, negative view, negative) with the non-negatives already at
-    ``-inf``; ``lw`` ``[r, b]``; ``pos`` ``[r, 2]`` finite, so the result is finite.
+
+def _tile_logsumexp(t: Tensor, lw: Tensor) -> Tensor:
+    """Logsumexp of each row ``(i, a)`` of a diagonal tile over its negatives ``(c, j)``: ``[r, 2]``.
+
+    ``t`` is ``[r, 2, 2, r]`` (anchor, view, negative view, negative) with the non-negatives at ``-inf``;
+    ``lw`` the ``[r, r]`` log-weights of the block.
     """
-    r, _, _, b = s.shape
-    x = (s + lw[:, None, None, :]).view(r, 2, 2 * b)
-    m = torch.maximum(x.amax(dim=-1), pos)
-    return m + torch.log(torch.exp(x - m[..., None]).sum(dim=-1) + torch.exp(pos - m))
+    return _logsumexp(t + lw[:, None, None, :], (2, 3))
 
 
-def _block_softmax_(s: Tensor, lw: Tensor, lse: Tensor, grad: Tensor) -> Tensor:
-    """``grad · e^{s + lw − lse}``, the gradient of :func:`_block_logsumexp` with respect to ``s``, written
-    into ``s`` (``[r, 2, 2, b]``) in place."""
-    return s.add_(lw[:, None, None, :]).sub_(lse[:, :, None, None]).exp_().mul_(grad[:, :, None, None])
+def _tile_pair_logsumexp(t: Tensor, lw: Tensor, lw_t: Tensor) -> tuple[Tensor, Tensor]:
+    """Both directions of an off-diagonal tile ``t`` ``[r, 2, 2, c]`` (anchors I against anchors J): the
+    logsumexp of each row ``(i, a)`` over ``(c', j)`` with ``lw = log W[I, J]`` ``[r, c]``, ``[r, 2]``, and
+    of each column ``(c', j)`` over ``(i, a)`` with ``lw_t = log W[J, I]ᵀ`` ``[r, c]``, ``[2, c]``."""
+    rows = _logsumexp(t + lw[:, None, None, :], (2, 3))
+    cols = _logsumexp(t + lw_t[:, None, None, :], (0, 1))
+    return rows, cols
 
 
-# Static shapes: with a symbolic row length, inductor's CPU code for this reduction is slower than eager's.
-_fused_block_logsumexp = fused(_block_logsumexp, dynamic=False)
-_fused_block_softmax_ = fused(_block_softmax_, dynamic=False)
+def _tile_softmax_(t: Tensor, lw: Tensor, lse: Tensor, grad: Tensor) -> Tensor:
+    """``grad · e^{t + lw − lse}``, the gradient of :func:`_tile_logsumexp`'s rows with respect to ``t``,
+    written into ``t`` in place."""
+    return t.add_(lw[:, None, None, :]).sub_(lse[:, :, None, None]).exp_().mul_(grad[:, :, None, None])
 
 
-def _block_logits(xq: Tensor, xk_t: Tensor, start: int, cross_only: bool, out: Tensor) -> Tensor:
-    """The logits of anchors ``start : start + r`` (rows of ``xq``, ``[2r, d]`` in (anchor, view) order)
-    against all ``2b`` negatives, ``[r, 2, 2, b]``, written into ``out``; the same-view self pairs (or, for
-    ``cross_only``, all same-view pairs) are ``-inf``."""
-    r, b = xq.shape[0] // 2, xk_t.shape[1] // 2
-    s = torch.mm(xq, xk_t, out=out[: 2 * r]).view(r, 2, 2, b)
+def _tile_pair_softmax_(t: Tensor, lw: Tensor, lw_t: Tensor, lse: Tensor, lse_t: Tensor, grad: Tensor,
+                        grad_t: Tensor) -> tuple[Tensor, Tensor]:
+    """The gradient of both directions of :func:`_tile_pair_logsumexp` with respect to ``t`` (the tile is
+    shared by rows I and columns J; ``lse_t``, ``grad_t`` are ``[2, c]``), written into ``t`` in place;
+    returns the gradients with respect to ``lw`` and ``lw_t``, both ``[r, c]``."""
+    p = torch.exp(t + lw[:, None, None, :] - lse[:, :, None, None]) * grad[:, :, None, None]
+    p_t = torch.exp(t + lw_t[:, None, None, :] - lse_t[None, None]) * grad_t[None, None]
+    t.copy_(p + p_t)
+    return p.sum(dim=(1, 2)), p_t.sum(dim=(1, 2))
+
+
+# Static shapes: with a symbolic row length, inductor's CPU code for these reductions is slower than eager's.
+_fused_tile_logsumexp = fused(_tile_logsumexp, dynamic=False)
+_fused_tile_pair_logsumexp = fused(_tile_pair_logsumexp, dynamic=False)
+_fused_tile_softmax_ = fused(_tile_softmax_, dynamic=False)
+_fused_tile_pair_softmax_ = fused(_tile_pair_softmax_, dynamic=False)
+
+
+def _tile_pairs(b: int, chunk: int) -> list[tuple[slice, slice]]:
+    """The blocks ``(I, J)``, ``I <= J``, of anchors ``0..b-1`` cut into runs of ``chunk``."""
+    blocks = [slice(start, min(b, start + chunk)) for start in range(0, b, chunk)]
+    return [(rows, cols) for n, rows in enumerate(blocks) for cols in blocks[n:]]
+
+
+def _tile(a: Tensor, zv: Tensor, rows: slice, cols: slice, cross_only: bool, buf: Tensor) -> Tensor:
+    """The logits of anchors ``rows`` against anchors ``cols``, ``[r, 2, 2, c]`` (anchor, view, negative
+    view, negative), written into ``buf``. ``a`` ``[2b, d]`` holds ``z / τ`` in (anchor, view) order, ``zv``
+    ``[2, b, d]`` the views. The same-view self pairs (or, for ``cross_only``, all same-view pairs) are
+    ``-inf``."""
+    r, c = rows.stop - rows.start, cols.stop - cols.start
+    out = buf[: 4 * r * c].view(2 * r, 2 * c)
+    keys = zv[:, cols].reshape(2 * c, -1)
+    t = torch.mm(a[2 * rows.start : 2 * rows.stop], keys.T, out=out).view(r, 2, 2, c)
     for view in (0, 1):
-        same = s[:, view, view]
-        (same if cross_only else same[:, start : start + r].diagonal()).fill_(float("-inf"))
-    return s
+        if cross_only:
+            t[:, view, view].fill_(float("-inf"))
+        elif rows == cols:
+            t[:, view, view].diagonal().fill_(float("-inf"))
+    return t
 
 
 class _BlockwiseLogSumExp(torch.autograd.Function):
-    """Each anchor's and view's logsumexp of :func:`blockwise_nce`, ``[b, 2]``, one block of anchors at a time.
+    """Each anchor's and view's logsumexp of :func:`blockwise_nce`, ``[b, 2]``, over square tiles of anchors.
 
-    Nothing of size ``b²`` is kept: the forward keeps only the ``[b, 2]`` result, and the backward recomputes
-    each block's logits and ``log W`` rows (as attention kernels do), so memory is ``O(chunk · b)``.
+    The logits ``z_i · z_j / τ`` are symmetric, so each pair of blocks ``I < J`` is computed once and serves
+    the rows of I (with ``log W[I, J]``) and those of J (with ``log W[J, I]``): half the matmuls of a row
+    sweep. Nothing of size ``b²`` is kept: the forward keeps the ``[b, 2]`` result, and the backward
+    recomputes each tile and its log-weights (as attention kernels do), so memory is ``O(chunk²)``.
     """
 
     @staticmethod
-    def forward(ctx, xq: Tensor, xk: Tensor, pos: Tensor, chunk: int, cross_only: bool,
-                log_w_rows: Callable[..., Tensor], *inputs: Tensor) -> Tensor:
-        b = pos.shape[0]
-        xq_rows, xk_t = xq.reshape(2 * b, -1), xk.T.contiguous()
-        buf = xq.new_empty(2 * min(chunk, b), 2 * b)
-        parts = []
-        for start in range(0, b, chunk):
-            stop = min(b, start + chunk)
-            s = _block_logits(xq_rows[2 * start : 2 * stop], xk_t, start, cross_only, buf)
-            lw = log_w_rows(*inputs, start, stop).to(s.dtype)
-            parts.append(_fused_block_logsumexp(s, lw, pos[start:stop]))
-        lse = torch.cat(parts)
-        ctx.save_for_backward(xq, xk, pos, lse, *inputs)
-        ctx.options = (chunk, cross_only, log_w_rows)
+    def forward(ctx, a: Tensor, zv: Tensor, pos: Tensor, chunk: int, cross_only: bool,
+                log_w_block: Callable[..., Tensor], *inputs: Tensor) -> Tensor:
+        buf = a.new_empty(4 * min(chunk, pos.shape[0]) ** 2)
+        lse = pos.clone(memory_format=torch.contiguous_format)
+        for rows, cols in _tile_pairs(pos.shape[0], chunk):
+            t = _tile(a, zv, rows, cols, cross_only, buf)
+            lw = log_w_block(*inputs, rows, cols).to(t.dtype)
+            if rows == cols:
+                lse[rows] = torch.logaddexp(lse[rows], _fused_tile_logsumexp(t, lw))
+                continue
+            lw_t = log_w_block(*inputs, cols, rows).to(t.dtype).T.contiguous()
+            lse_rows, lse_cols = _fused_tile_pair_logsumexp(t, lw, lw_t)
+            lse[rows] = torch.logaddexp(lse[rows], lse_rows)
+            lse[cols] = torch.logaddexp(lse[cols], lse_cols.T)
+        ctx.save_for_backward(a, zv, pos, lse, *inputs)
+        ctx.options = (chunk, cross_only, log_w_block)
         return lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        xq, xk, pos, lse, *inputs = ctx.saved_tensors
-        chunk, cross_only, log_w_rows = ctx.options
-        b = pos.shape[0]
-        xq_rows, xk_t = xq.reshape(2 * b, -1), xk.T.contiguous()
-        buf = xq.new_empty(2 * min(chunk, b), 2 * b)
-        grad_xq, grad_xk = torch.empty_like(xq_rows), torch.zeros_like(xk)
+        a, zv, pos, lse, *inputs = ctx.saved_tensors
+        chunk, cross_only, log_w_block = ctx.options
+        buf = a.new_empty(4 * min(chunk, pos.shape[0]) ** 2)
+        grad_a, grad_zv = torch.zeros_like(a), torch.zeros_like(zv)
         leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
         wanted = [leaf for leaf in leaves if leaf.requires_grad]
         grad_wanted = [torch.zeros_like(leaf) for leaf in wanted]
-        for start in range(0, b, chunk):
-            stop = min(b, start + chunk)
-            rows = slice(2 * start, 2 * stop)
+        for rows, cols in _tile_pairs(pos.shape[0], chunk):
             with torch.enable_grad():
-                lw = log_w_rows(*leaves, start, stop)
-            s = _block_logits(xq_rows[rows], xk_t, start, cross_only, buf)
-            p = _fused_block_softmax_(s, lw.detach().to(s.dtype), lse[start:stop], grad[start:stop])
-            torch.mm(p.view(2 * (stop - start), 2 * b), xk, out=grad_xq[rows])
-            grad_xk.addmm_(p.view(2 * (stop - start), 2 * b).T, xq_rows[rows])
-            if wanted and lw.requires_grad:
-                grad_lw = p.view(stop - start, 4, b).sum(dim=1).to(lw.dtype)
-                for acc, g in zip(grad_wanted, torch.autograd.grad(lw, wanted, grad_lw, allow_unused=True)):
+                lws = [log_w_block(*leaves, rows, cols)]
+                if rows != cols:
+                    lws.append(log_w_block(*leaves, cols, rows))
+            t = _tile(a, zv, rows, cols, cross_only, buf)
+            lw = lws[0].detach().to(t.dtype)
+            if rows == cols:
+                grad_lws = [_fused_tile_softmax_(t, lw, lse[rows], grad[rows]).sum(dim=(1, 2))]
+            else:
+                lw_t = lws[1].detach().to(t.dtype).T.contiguous()
+                grad_lw, grad_lw_t = _fused_tile_pair_softmax_(
+                    t, lw, lw_t, lse[rows], lse[cols].T.contiguous(), grad[rows], grad[cols].T.contiguous()
+                )
+                grad_lws = [grad_lw, grad_lw_t.T]
+            r, c = rows.stop - rows.start, cols.stop - cols.start
+            a_rows = a[2 * rows.start : 2 * rows.stop]
+            p = t.view(2 * r, 2, c)
+            grad_a[2 * rows.start : 2 * rows.stop].addmm_(p.view(2 * r, 2 * c), zv[:, cols].reshape(2 * c, -1))
+            for view in (0, 1):
+                grad_zv[view, cols].addmm_(p[:, view].T, a_rows)
+            if wanted and lws[0].requires_grad:
+                found = torch.autograd.grad(lws, wanted, [g.to(lw.dtype) for g, lw in zip(grad_lws, lws)],
+                                            allow_unused=True)
+                for acc, g in zip(grad_wanted, found):
                     if g is not None:
                         acc += g
         grad_pos = grad * torch.exp(pos - lse)
         found = iter(grad_wanted)
         grad_inputs = [next(found) if leaf.requires_grad else None for leaf in leaves]
-        return grad_xq.view_as(xq), grad_xk, grad_pos, None, None, None, *grad_inputs
+        return grad_a, grad_zv, grad_pos, None, None, None, *grad_inputs
 
 
 def blockwise_nce(
     z1: Tensor,
     z2: Tensor,
-    log_w_rows: Callable[..., Tensor],
+    log_w_block: Callable[..., Tensor],
     inputs: tuple[Tensor, ...],
     chunk: int,
     temperature: float = 0.1,
@@ -326,17 +379,18 @@ def blockwise_nce(
     symmetric: bool = True,
 ) -> Tensor:
     """:func:`weighted_nce` with a dense ``log W`` that is never held whole: anchors go in blocks of ``chunk``,
-    and the backward pass recomputes each block's similarities and ``log W`` rows instead of keeping them, so
-    memory is ``O(chunk · b)`` instead of ``O(b²)``. Loss and gradients equal the dense computation's up to
-    rounding. The logsumexp and its gradient over each block are compiled kernels (:mod:`clusterformers.fused`,
-    one graph per block shape); the matmuls are the library's.
+    each pair of blocks is one tile of logits serving both (the logits are symmetric), and the backward pass
+    recomputes each tile and its ``log W`` blocks instead of keeping them, so memory is ``O(chunk²)`` instead
+    of ``O(b²)``. Loss and gradients equal the dense computation's up to rounding. The logsumexp and its
+    gradient over each tile are compiled kernels (:mod:`clusterformers.fused`, one graph per tile shape); the
+    matmuls are the library's.
 
     Args:
         z1, z2: ``[b, d]`` embeddings of the two views.
-        log_w_rows: ``log_w_rows(*inputs, start, stop)`` -> ``[stop − start, b]``, the rows ``start:stop`` of
-            ``log W`` (gradients flow to ``inputs``); ``log W[i, i]`` weights the extra cross-view term
-            ``e^{S_ii}`` as in :func:`weighted_nce`.
-        inputs: the tensors ``log_w_rows`` reads (saved once, not per block).
+        log_w_block: ``log_w_block(*inputs, rows, cols)`` -> ``[len(rows), len(cols)]``, the block
+            ``log W[rows, cols]`` for slices of anchors (gradients flow to ``inputs``); ``log W[i, i]`` weights
+            the extra cross-view term ``e^{S_ii}`` as in :func:`weighted_nce`.
+        inputs: the tensors ``log_w_block`` reads (saved once, not per block).
         chunk: anchors per block (>= 1).
         temperature, negatives, symmetric: as :func:`weighted_nce`.
     """
@@ -346,8 +400,8 @@ def blockwise_nce(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     u, v = unit_rows(z1), unit_rows(z2)
     pos = ((u * v).sum(dim=1) / temperature)[:, None].expand(-1, 2)  # [b, 2]: the positive of both views
-    xq = torch.stack([u, v], dim=1) / temperature  # [b, 2, d]: anchors in (anchor, view) order
-    xk = torch.cat([u, v])  # [2b, d]: negatives in (view, negative) order
-    lse = _BlockwiseLogSumExp.apply(xq, xk, pos, chunk, negatives == "cross", log_w_rows, *inputs)
+    a = torch.stack([u, v], dim=1).view(-1, u.shape[1]) / temperature  # [2b, d]: anchors in (anchor, view) order
+    zv = torch.stack([u, v])  # [2, b, d]: negatives in (view, negative) order
+    lse = _BlockwiseLogSumExp.apply(a, zv, pos, chunk, negatives == "cross", log_w_block, *inputs)
     rows = (lse - pos).T.reshape(-1)  # [ℓ¹_0..ℓ¹_{b-1}, ℓ²_0..ℓ²_{b-1}]
     return (rows if symmetric else rows[: z1.shape[0]]).mean()
