@@ -357,7 +357,7 @@ class _BlockwiseLogSumExp(torch.autograd.Function):
             for view in (0, 1):
                 grad_zv[view, cols].addmm_(p[:, view].T, a_rows)
             if wanted and lws[0].requires_grad:
-                found = torch.autograd.grad(lws, wanted, [g.to(lw.dtype) for g, lw in zip(grad_lws, lws)],
+                found = torch.autograd.grad(lws, wanted, [g.to(w.dtype) for g, w in zip(grad_lws, lws)],
                                             allow_unused=True)
                 for acc, g in zip(grad_wanted, found):
                     if g is not None:
