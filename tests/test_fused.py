@@ -1,7 +1,7 @@
 """The compiled (fused) paths equal their eager reference and the loop oracles.
 
 ``clusterformers.fused`` compiles the elliptical mean metric (mean and causal prefix mean), the AC
-transform and the contrastive losses' blockwise logsumexp and its gradient. Here fusion is on (the rest of
+transform and the contrastive losses' tiled logsumexp and its gradient. Here fusion is on (the rest of
 the suite runs the eager code, see ``conftest.py``); each test compares the compiled function with the eager
 one on the same inputs, and checks that the compiled one really ran (a counter on ``torch.compile``) or,
 when compiling fails, that the eager code answers.
@@ -199,7 +199,7 @@ def test_ac_transform_compiled_equals_eager(stats: str, compiles, monkeypatch) -
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_blockwise_fare_compiled_equals_the_dense_loss(dtype, compiles, monkeypatch) -> None:
+def test_blockwise_fare_and_fair_infonce_compiled_equal_the_dense_loss(dtype, compiles, monkeypatch) -> None:
     from clusterformers.contrastive import functional as fn
 
     for name in ("_tile_logsumexp", "_tile_pair_logsumexp", "_tile_softmax_", "_tile_pair_softmax_"):
@@ -222,6 +222,16 @@ def test_blockwise_fare_compiled_equals_the_dense_loss(dtype, compiles, monkeypa
             torch.testing.assert_close(loss, dense, **tol)
             for a, c in zip(torch.autograd.grad(loss, (z1, z2, w_q, w_k)), grads):
                 torch.testing.assert_close(a, c, **tol)
+    groups = torch.randint(0, 3, (b,), generator=g)
+    groups[7] = 5  # alone in its group: every tile row of this anchor is -inf
+    fused_mod.set_fused(False)
+    dense = fn.fair_info_nce(z1, z2, groups, chunk_size=None)
+    grads = torch.autograd.grad(dense, (z1, z2))
+    fused_mod.set_fused(True)
+    loss = fn.fair_info_nce(z1, z2, groups, chunk_size=40)
+    torch.testing.assert_close(loss, dense, **tol)
+    for a, c in zip(torch.autograd.grad(loss, (z1, z2)), grads):
+        torch.testing.assert_close(a, c, **tol)
     assert set(compiles) == {"_tile_logsumexp", "_tile_pair_logsumexp", "_tile_softmax_", "_tile_pair_softmax_",
                              "_shifted_log_softmax", "_row_logsumexp"}
 

@@ -16,8 +16,9 @@ A fused function runs its eager code instead when
 The first call with a new dtype, device or option compiles (seconds); later calls reuse the graph, also
 for new sizes (``dynamic=True``). A function fused with ``dynamic=False`` compiles once per shape instead:
 inductor's CPU code for a reduction over a row of symbolic length can be several times slower than the
-eager op, while the static one is several times faster (the contrastive losses' blockwise logsumexp, whose
-shapes are fixed by the batch size). After ``torch._dynamo.config.recompile_limit`` shapes it runs eagerly.
+eager op, while the static one is several times faster (the contrastive losses' tiled logsumexp, whose
+shapes are fixed by the batch size). A new ``torch.set_num_threads`` also compiles again; after
+``torch._dynamo.config.recompile_limit`` graphs it runs eagerly.
 """
 
 from __future__ import annotations
