@@ -374,12 +374,19 @@ def fare(
 def _fare_log_weights(q: Tensor, k: Tensor, rho: float, score: str, neg_scale: str, mask_self: bool, start: int,
                       stop: int) -> Tensor:
     """``log W`` of the anchors ``start:stop`` against all ``b`` negatives, ``[stop − start, b]``."""
-    att = _scores(q[start:stop], k, rho, score)
-    if mask_self:
-        # no autograd needed: the softmax gives the -inf entries exactly zero gradient
-        with torch.no_grad():
-            _mask_self(att, slice(start, stop), slice(0, k.shape[0]))
+    att = _fare_attention(q, k, rho, score, mask_self, slice(start, stop), slice(0, k.shape[0]))
     return _fused_shifted_log_softmax(att, _log_scale(k.shape[0], neg_scale))
+
+
+def _fare_attention(q: Tensor, k: Tensor, rho: float, score: str, mask_self: bool, rows: slice, cols: slice
+                    ) -> Tensor:
+    """FARE's attention scores of anchors ``rows`` against negatives ``cols``, self pairs at ``-inf`` when
+    ``mask_self``."""
+    att = _scores(q[rows], k[cols], rho, score)
+    if mask_self:
+        with torch.no_grad():  # the softmax and logsumexp give the -inf entries exactly zero gradient
+            _mask_self(att, rows, cols)
+    return att
 
 
 def _shifted_log_softmax(att: Tensor, shift: float) -> Tensor:
@@ -406,22 +413,15 @@ def _fare_chunked(z1: Tensor, z2: Tensor, zhat: Tensor, q: Tensor, k: Tensor, rh
     b = z1.shape[0]
     shift = _log_scale(b, neg_scale)
 
-    def attention(q: Tensor, k: Tensor, rows: slice, cols: slice) -> Tensor:
-        att = _scores(q[rows], k[cols], rho, score)
-        if mask_self:
-            with torch.no_grad():  # the logsumexp and softmax give the -inf entries exactly zero gradient
-                _mask_self(att, rows, cols)
-        return att
-
     def row_logsumexp(q: Tensor, k: Tensor, start: int, stop: int) -> Tensor:
-        return _fused_row_logsumexp(attention(q, k, slice(start, stop), slice(0, b)))
+        return _fused_row_logsumexp(_fare_attention(q, k, rho, score, mask_self, slice(start, stop), slice(0, b)))
 
     # each anchor's softmax normaliser, one row block at a time (recomputed in the backward pass)
     lse = torch.cat([checkpoint(row_logsumexp, q, k, start, min(b, start + chunk), use_reentrant=False)
                      for start in range(0, b, chunk)])
 
     def block(q: Tensor, k: Tensor, lse: Tensor, rows: slice, cols: slice) -> Tensor:
-        return attention(q, k, rows, cols) + (shift - lse[rows])[:, None]
+        return _fare_attention(q, k, rho, score, mask_self, rows, cols) + (shift - lse[rows])[:, None]
 
     loss = blockwise_nce(z1, z2, block, (q, k, lse), chunk, **nce)
     if not return_stats:

@@ -245,9 +245,7 @@ def _tile_pair_logsumexp(t: Tensor, lw: Tensor, lw_t: Tensor) -> tuple[Tensor, T
     """Both directions of an off-diagonal tile ``t`` ``[r, 2, 2, c]`` (anchors I against anchors J): the
     logsumexp of each row ``(i, a)`` over ``(c', j)`` with ``lw = log W[I, J]`` ``[r, c]``, ``[r, 2]``, and
     of each column ``(c', j)`` over ``(i, a)`` with ``lw_t = log W[J, I]ᵀ`` ``[r, c]``, ``[2, c]``."""
-    rows = _logsumexp(t + lw[:, None, None, :], (2, 3))
-    cols = _logsumexp(t + lw_t[:, None, None, :], (0, 1))
-    return rows, cols
+    return _tile_logsumexp(t, lw), _logsumexp(t + lw_t[:, None, None, :], (0, 1))
 
 
 def _tile_softmax_(t: Tensor, lw: Tensor, lse: Tensor, grad: Tensor) -> Tensor:
@@ -280,14 +278,13 @@ def _tile_pairs(b: int, chunk: int) -> list[tuple[slice, slice]]:
     return [(rows, cols) for n, rows in enumerate(blocks) for cols in blocks[n:]]
 
 
-def _tile(a: Tensor, zv: Tensor, rows: slice, cols: slice, cross_only: bool, buf: Tensor) -> Tensor:
+def _tile(a: Tensor, keys: Tensor, rows: slice, cols: slice, cross_only: bool, buf: Tensor) -> Tensor:
     """The logits of anchors ``rows`` against anchors ``cols``, ``[r, 2, 2, c]`` (anchor, view, negative
-    view, negative), written into ``buf``. ``a`` ``[2b, d]`` holds ``z / τ`` in (anchor, view) order, ``zv``
-    ``[2, b, d]`` the views. The same-view self pairs (or, for ``cross_only``, all same-view pairs) are
-    ``-inf``."""
+    view, negative), written into ``buf``. ``a`` ``[2b, d]`` holds ``z / τ`` in (anchor, view) order, ``keys``
+    ``[2c, d]`` the views of ``cols`` in (view, negative) order (``zv[:, cols]``). The same-view self pairs
+    (or, for ``cross_only``, all same-view pairs) are ``-inf``."""
     r, c = rows.stop - rows.start, cols.stop - cols.start
     out = buf[: 4 * r * c].view(2 * r, 2 * c)
-    keys = zv[:, cols].reshape(2 * c, -1)
     t = torch.mm(a[2 * rows.start : 2 * rows.stop], keys.T, out=out).view(r, 2, 2, c)
     for view in (0, 1):
         if cross_only:
@@ -312,7 +309,7 @@ class _BlockwiseLogSumExp(torch.autograd.Function):
         buf = a.new_empty(4 * min(chunk, pos.shape[0]) ** 2)
         lse = pos.clone(memory_format=torch.contiguous_format)
         for rows, cols in _tile_pairs(pos.shape[0], chunk):
-            t = _tile(a, zv, rows, cols, cross_only, buf)
+            t = _tile(a, zv[:, cols].reshape(-1, zv.shape[2]), rows, cols, cross_only, buf)
             lw = log_w_block(*inputs, rows, cols).to(t.dtype)
             if rows == cols:
                 lse[rows] = torch.logaddexp(lse[rows], _fused_tile_logsumexp(t, lw))
@@ -340,7 +337,8 @@ class _BlockwiseLogSumExp(torch.autograd.Function):
                 lws = [log_w_block(*leaves, rows, cols)]
                 if rows != cols:
                     lws.append(log_w_block(*leaves, cols, rows))
-            t = _tile(a, zv, rows, cols, cross_only, buf)
+            keys = zv[:, cols].reshape(-1, zv.shape[2])
+            t = _tile(a, keys, rows, cols, cross_only, buf)
             lw = lws[0].detach().to(t.dtype)
             if rows == cols:
                 grad_lws = [_fused_tile_softmax_(t, lw, lse[rows], grad[rows]).sum(dim=(1, 2))]
@@ -353,7 +351,7 @@ class _BlockwiseLogSumExp(torch.autograd.Function):
             r, c = rows.stop - rows.start, cols.stop - cols.start
             a_rows = a[2 * rows.start : 2 * rows.stop]
             p = t.view(2 * r, 2, c)
-            grad_a[2 * rows.start : 2 * rows.stop].addmm_(p.view(2 * r, 2 * c), zv[:, cols].reshape(2 * c, -1))
+            grad_a[2 * rows.start : 2 * rows.stop].addmm_(p.view(2 * r, 2 * c), keys)
             for view in (0, 1):
                 grad_zv[view, cols].addmm_(p[:, view].T, a_rows)
             if wanted and lws[0].requires_grad:
