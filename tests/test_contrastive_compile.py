@@ -24,6 +24,7 @@ from clusterformers.contrastive import (
     InfoNCELoss,
     KMeansDiscretizer,
     SparseFARELoss,
+    functional,
 )
 
 B, D, S = 32, 16, 3
@@ -211,3 +212,10 @@ def test_no_host_reads_without_value_checks(name):
         with HostReads() as reads:
             loss_fn(z1, z2, sensitive).backward()
         assert (reads.count > 0) == check, (check, reads.count)
+
+
+def test_sorted_sparse_fare_compiles_to_the_tile_plan_where_eager_walks(monkeypatch):
+    """The walk over blocks of anchors (eager, large buckets) loops over a data-dependent list of blocks;
+    compiled code takes the tile plan instead, in one graph, with the same loss and gradients."""
+    monkeypatch.setattr(functional, "WALK_MIN_BUCKET", 1)  # every batch counts as one of large buckets
+    _check_compiled(lambda: SparseFARELoss(S, check_inputs=False), False, backend="aot_eager", calls=2)

@@ -12,13 +12,15 @@ from clusterformers.contrastive import (
     build_block_plan,
     draw_rotations,
     fare,
+    functional,
     hash_buckets,
     sparse_fare,
     support_mask,
     weighted_nce,
 )
 from clusterformers.contrastive.diagnostics import average_ranks, weighting_diagnostics
-from clusterformers.contrastive.lsh import buckets_for_batch
+from clusterformers.contrastive.lsh import block_pairs, buckets_for_batch
+from clusterformers.contrastive.nce import blockwise_nce
 
 D64 = torch.float64
 
@@ -36,6 +38,15 @@ def _inputs(b, seed=0, s=3, d=6, d_k=4):
 # ---- oracle 5: sorted = dense -------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=["plan", "walk"])
+def sorted_path(request, monkeypatch):
+    """Both sorted implementations at test sizes: the tile plan (small buckets) and the walk over blocks of
+    anchors sorted by bucket (large buckets), here in blocks of 8 anchors."""
+    monkeypatch.setattr(functional, "WALK_MIN_BUCKET", 1 if request.param == "walk" else 10**9)
+    monkeypatch.setattr(functional, "CHUNK_AUTO_ROWS", 8)
+    return request.param
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -47,7 +58,7 @@ def _inputs(b, seed=0, s=3, d=6, d_k=4):
         {"n_buckets": 16, "neg_scale": "none"},  # many singleton buckets: fallback rows
     ],
 )
-def test_sorted_equals_dense_values_and_gradients(options):
+def test_sorted_equals_dense_values_and_gradients(options, sorted_path):
     z1, z2, c, w_q, w_k = _inputs(37)
     out = {}
     for impl in ("sorted", "dense"):
@@ -62,7 +73,7 @@ def test_sorted_equals_dense_values_and_gradients(options):
         assert out["sorted"][2][key] == pytest.approx(out["dense"][2][key], rel=1e-12, nan_ok=True)
 
 
-def test_sorted_equals_dense_random_sweep_with_empty_probes_and_fallbacks():
+def test_sorted_equals_dense_random_sweep_with_empty_probes_and_fallbacks(sorted_path):
     z1, z2, c, w_q, w_k = _inputs(11, seed=5)
     fallbacks = 0
     for seed in range(24):
@@ -78,7 +89,7 @@ def test_sorted_equals_dense_random_sweep_with_empty_probes_and_fallbacks():
     assert fallbacks > 0
 
 
-def test_sorted_with_fallback_and_small_tiles_matches_fare_rows():
+def test_sorted_with_fallback_and_small_tiles_matches_fare_rows(sorted_path):
     z1, z2, c, w_q, w_k = _inputs(12)
     buckets = torch.tensor([0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3])
     dense = sparse_fare(z1, z2, c, w_q, w_k, buckets=buckets, impl="dense")
@@ -91,6 +102,51 @@ def test_sorted_with_fallback_and_small_tiles_matches_fare_rows():
              for k, bad in zip(plan.key_idx[t], row, strict=True) if not bad}
     mask, _ = support_mask(buckets[None], buckets[None, :, None])
     assert pairs == {(i, j) for i in range(12) for j in range(12) if mask[i, j]}
+
+
+def test_walk_is_the_default_for_large_buckets_and_equals_dense():
+    """b = 2,048 with the default 4 buckets: the walk (blocks of 512 anchors), against the dense reference."""
+    z1, z2, c, w_q, w_k = _inputs(2048, seed=1)
+    assert 2048 >= functional.WALK_MIN_BUCKET * 4
+    out = {}
+    for impl in ("sorted", "dense"):
+        gen = torch.Generator().manual_seed(0)
+        loss, stats = sparse_fare(z1, z2, c, w_q, w_k, impl=impl, generator=gen, return_stats=True,
+                                  diagnostics=False)
+        out[impl] = (loss, torch.autograd.grad(loss, [z1, w_q]), stats)
+    assert out["sorted"][0].item() == pytest.approx(out["dense"][0].item(), rel=1e-12)
+    for gs, gd in zip(out["sorted"][1], out["dense"][1], strict=True):
+        assert torch.allclose(gs, gd, rtol=1e-9, atol=1e-14)
+    assert out["sorted"][2]["support"] == out["dense"][2]["support"] > 400
+
+
+def test_block_pairs_are_the_blocks_that_meet_in_the_support():
+    """Brute force over the dense support; and a walk that skips one of the pairs gives a different loss."""
+    g = torch.Generator().manual_seed(0)
+    for neighbours, n_b in ((0, 4), (1, 6), (0, 16)):
+        z = torch.randn(40, 3, generator=g, dtype=D64)
+        bucket, probe = hash_buckets(z, draw_rotations(3, n_b, generator=g, dtype=D64), neighbours)
+        order = torch.argsort(bucket[0], stable=True)
+        bucket, probe = bucket[:, order], probe[:, order]
+        mask, fallback = support_mask(bucket, probe)
+        mask = mask | mask.T | torch.eye(40, dtype=torch.bool)  # a block always meets itself (its own bucket)
+        pairs = block_pairs(bucket[0], probe[0], fallback, n_b, 6)
+        blocks = range(0, 40, 6)
+        want = [(i, j) for i in blocks for j in blocks if i <= j and mask[i : i + 6, j : j + 6].any()]
+        assert [(r.start, c.start) for r, c in pairs] == want
+        assert (n_b == 16) == bool(fallback.any()) and len(want) < 28
+    z1, z2, _, _, _ = _inputs(12)
+    lw = torch.randn(12, 12, generator=g, dtype=D64).masked_fill(~torch.eye(12, dtype=torch.bool).roll(1, 1),
+                                                                  float("-inf"))  # W[i, i+1] only
+
+    def block(lw, rows, cols):
+        return lw[rows, cols]
+
+    dense = weighted_nce(z1, z2, lw).item()
+    halves = [slice(0, 6), slice(6, 12)]
+    every = [(halves[0], halves[0]), (halves[0], halves[1]), (halves[1], halves[1])]
+    assert blockwise_nce(z1, z2, block, (lw,), 6, pairs=every).item() == pytest.approx(dense, rel=1e-12)
+    assert blockwise_nce(z1, z2, block, (lw,), 6, pairs=every[::2]).item() != pytest.approx(dense, rel=1e-3)
 
 
 def test_block_weights_gradcheck_against_dense_weights():

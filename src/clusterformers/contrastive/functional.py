@@ -35,9 +35,17 @@ from clusterformers.contrastive.inputs import (
     one_hot_groups,
 )
 from clusterformers.contrastive.kernels import sensitive_kernel
-from clusterformers.contrastive.lsh import buckets_for_batch, build_block_plan, draw_rotations, hash_buckets, tile_size
+from clusterformers.contrastive.lsh import (
+    block_pairs,
+    buckets_for_batch,
+    build_block_plan,
+    draw_rotations,
+    hash_buckets,
+    tile_size,
+)
 from clusterformers.contrastive.lsh import support_mask as lsh_support_mask
 from clusterformers.contrastive.nce import (
+    CHUNK_AUTO_ROWS,
     LogWeightBlocks,
     blockwise_nce,
     chunk_rows,
@@ -53,6 +61,7 @@ NEG_SCALES = ("b-1", "none")
 IMPLS = ("sorted", "dense")
 HASH_ON = ("z", "keys")
 _NEG_INF = float("-inf")
+WALK_MIN_BUCKET = 512  # sorted SparseFARE walks blocks of anchors when the mean bucket holds this many
 
 
 def _finish(
@@ -472,10 +481,15 @@ def sparse_fare(
     the dense FARE row (its loss stays defined; ``stats["fallback_rows"]``). FARE arguments as in :func:`fare`.
 
     Shapes and host reads: ``impl="dense"`` has fixed shapes (``[b, b]`` masks) and, with
-    ``check_inputs=False``, reads nothing on the host. ``impl="sorted"`` tiles each bucket, so the number of
-    tiles depends on the bucket sizes: it copies ``2 n_b + 1`` counts to the host once per call (also when
-    compiled: ``torch.compile`` traces it into one graph with data-dependent sizes, without recompiling as
-    the sizes change), and with given ``buckets`` it reads their number of distinct ids as well.
+    ``check_inputs=False``, reads nothing on the host. ``impl="sorted"`` sorts the anchors by bucket and
+    has two forms, with the same loss and gradients. For small buckets (a mean under 512 anchors) it tiles
+    each bucket, so the number of tiles depends on the bucket sizes: it copies ``2 n_b + 1`` counts to the
+    host once per call (also when compiled: ``torch.compile`` traces it into one graph with data-dependent
+    sizes, without recompiling as the sizes change). For large buckets (as the default ``n_b = 4`` at
+    ``b >= 2048``) it walks blocks of 512 sorted anchors as :func:`fare` does, visiting only the pairs of
+    blocks that meet in the support, each pair once for both directions, in memory linear in b; it copies
+    which pairs meet (a ``[⌈b/512⌉]²`` bool matrix) to the host once per call. Compiled code always takes
+    the first form. With given ``buckets`` it also reads their number of distinct ids.
 
     Args:
         n_buckets: ``n_b`` (1 = no hashing, else even).
@@ -533,33 +547,100 @@ def sparse_fare(
         if not mask_self:
             mask = mask | torch.eye(b, dtype=torch.bool, device=mask.device)
         log_w = log_scale + torch.log_softmax(_scores(q, k, rho, score).masked_fill(~mask, _NEG_INF), dim=1)
+        loss = weighted_nce(z1, z2, log_w, **nce)
     else:
-        # the tile side must be a Python int: with given buckets it is chosen for the configured bucket count
-        # (only a performance choice), since their real number n_b is known only on the device
-        tile = tile_size(b, buckets_for_batch(b, n_buckets, bucket_size))
+        # the tile side and the choice of path must be Python: with given buckets they follow the configured
+        # bucket count (only a performance choice), since their real number n_b is known only on the device.
+        # The walk loops over a data-dependent list of blocks, which torch.compile cannot trace: compiled code
+        # takes the tile plan (one graph with data-dependent sizes).
+        configured = buckets_for_batch(b, n_buckets, bucket_size)
+        tile = tile_size(b, configured)
+        walk = b >= WALK_MIN_BUCKET * configured and not torch.compiler.is_compiling()
         if n_b is None:
             # relabel given ids to 0..n_b-1 in order (the same buckets and plan): the plan's buffers then
             # follow the number of buckets, not the largest id (ids near 1e9 would size them otherwise)
             ids, dense_ids = torch.unique(bucket_r[0], sorted=True, return_inverse=True)
             n_b, bucket_r, probe_r = ids.numel(), dense_ids[None], dense_ids[None, :, None]
-        plan = build_block_plan(bucket_r[0], probe_r[0], n_b, allow_self=not mask_self, tile=tile)
-        n_tiles, tile = plan.query_idx.shape
-        q_tiles = q.index_select(0, plan.query_idx.reshape(-1)).view(n_tiles, tile, -1)
-        k_tiles = k.index_select(0, plan.key_idx.reshape(-1)).view(n_tiles, tile, -1)
-        att = _scores(q_tiles, k_tiles, rho, score).masked_fill(plan.invalid, _NEG_INF)
-        lse = segment_logsumexp(att, plan.query_idx, b).index_select(0, plan.query_idx.reshape(-1))
-        log_w = LogWeightBlocks(plan.query_idx, plan.key_idx, att - (lse.view(n_tiles, tile, 1) - log_scale))
-        fallback, support = plan.fallback, plan.support
-    stats = {}
-    if return_stats:
-        stats = {
-            "support": float(support.double().mean()),
-            "fallback_rows": float(fallback.sum()),
-            "n_buckets": float(n_b if n_b is not None else torch.unique(bucket_r[0]).numel()),
-        }
-        if diagnostics:
-            stats.update(_sparse_diagnostics(q, k, rho, score, zhat, bucket_r, probe_r))
-    return _finish(z1, z2, log_w, nce, return_stats, stats)
+        if walk:
+            loss, fallback, support = _sparse_fare_walk(z1, z2, q, k, bucket_r[0], probe_r[0], n_b, rho, score,
+                                                        log_scale, mask_self, nce)
+        else:
+            plan = build_block_plan(bucket_r[0], probe_r[0], n_b, allow_self=not mask_self, tile=tile)
+            n_tiles, tile = plan.query_idx.shape
+            q_tiles = q.index_select(0, plan.query_idx.reshape(-1)).view(n_tiles, tile, -1)
+            k_tiles = k.index_select(0, plan.key_idx.reshape(-1)).view(n_tiles, tile, -1)
+            att = _scores(q_tiles, k_tiles, rho, score).masked_fill(plan.invalid, _NEG_INF)
+            lse = segment_logsumexp(att, plan.query_idx, b).index_select(0, plan.query_idx.reshape(-1))
+            log_w = LogWeightBlocks(plan.query_idx, plan.key_idx, att - (lse.view(n_tiles, tile, 1) - log_scale))
+            loss = weighted_nce(z1, z2, log_w, **nce)
+            fallback, support = plan.fallback, plan.support
+    if not return_stats:
+        return loss
+    stats = {
+        "loss": float(loss.detach()),
+        "support": float(support.double().mean()),
+        "fallback_rows": float(fallback.sum()),
+        "n_buckets": float(n_b if n_b is not None else torch.unique(bucket_r[0]).numel()),
+    }
+    if diagnostics:
+        stats.update(_sparse_diagnostics(q, k, rho, score, zhat, bucket_r, probe_r))
+    return loss, stats
+
+
+def _sparse_attention(q: Tensor, k: Tensor, bucket: Tensor, probe: Tensor, fallback: Tensor, rho: float,
+                      score: str, mask_self: bool, rows: slice, cols: slice, outside: float = _NEG_INF) -> Tensor:
+    """SparseFARE's attention scores of anchors ``rows`` against negatives ``cols``, ``outside`` (``-inf``)
+    outside the support (a fallback anchor's support is every ``j``; ``j = i`` at ``-inf`` when
+    ``mask_self``)."""
+    att = _fare_attention(q, k, rho, score, mask_self, rows, cols)
+    with torch.no_grad():  # the softmax and logsumexp give the masked entries exactly zero gradient
+        hit = (probe[rows, :, None] == bucket[cols][None, None]).any(dim=1) | fallback[rows, None]
+        att.masked_fill_(~hit, outside)
+    return att
+
+
+def _sparse_fare_walk(z1: Tensor, z2: Tensor, q: Tensor, k: Tensor, bucket: Tensor, probe: Tensor, n_b: int,
+                      rho: float, score: str, shift: float, mask_self: bool, nce: dict
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """SparseFARE through :func:`~.nce.blockwise_nce` for large buckets: the anchors are sorted by bucket, so
+    the support is nearly block-diagonal, and only the pairs of blocks that meet in it are visited; each
+    visited tile serves both of its blocks, and memory stays linear in b.
+
+    Returns:
+        the loss, the fallback flags ``[b]`` and the support sizes ``[b]`` (both in the sorted order).
+    """
+    b = z1.shape[0]
+    order = torch.argsort(bucket, stable=True)
+    z1, z2, q, k = (x.index_select(0, order) for x in (z1, z2, q, k))
+    bucket, probe = bucket[order], probe[order]
+    key_counts = torch.zeros(n_b, dtype=torch.long, device=bucket.device).index_add_(0, bucket, torch.ones_like(bucket))
+    support = key_counts[probe].sum(dim=1) - 1
+    fallback = support == 0
+    chunk = CHUNK_AUTO_ROWS
+    pairs = block_pairs(bucket, probe, fallback, n_b, chunk)
+
+    # A row of a tile may lie wholly outside the support. Filled with the lowest finite value instead of -inf,
+    # its logsumexp is finite (about -3e38 in float32), drops out of the sum over tiles, and its gradient is
+    # exactly zero instead of NaN; every row has some tile inside its support.
+    lowest = torch.finfo(q.dtype).min
+
+    def tile_logsumexp(q: Tensor, k: Tensor, rows: slice, cols: slice) -> Tensor:
+        return _fused_row_logsumexp(_sparse_attention(q, k, bucket, probe, fallback, rho, score, mask_self, rows,
+                                                      cols, lowest))
+
+    # each anchor's softmax normaliser over the blocks its block meets (each tile recomputed in the backward)
+    parts: dict[int, list[Tensor]] = {}
+    for rows, cols in pairs:
+        for r, c in ((rows, cols), (cols, rows)) if rows != cols else ((rows, cols),):
+            parts.setdefault(r.start, []).append(checkpoint(tile_logsumexp, q, k, r, c, use_reentrant=False))
+    lse = torch.cat([torch.logsumexp(torch.stack(parts[start]), dim=0) for start in sorted(parts)])
+
+    def block(q: Tensor, k: Tensor, lse: Tensor, rows: slice, cols: slice) -> Tensor:
+        att = _sparse_attention(q, k, bucket, probe, fallback, rho, score, mask_self, rows, cols)
+        return att + (shift - lse[rows])[:, None]
+
+    loss = blockwise_nce(z1, z2, block, (q, k, lse), chunk, pairs=pairs, **nce)
+    return loss, fallback, torch.where(fallback, torch.full_like(support, b - 1), support)
 
 
 @torch.no_grad()

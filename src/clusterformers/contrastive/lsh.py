@@ -1,4 +1,4 @@
-"""Angular LSH for SparseFARE: buckets, multi-probe supports and the tiles of the sorted implementation.
+"""Angular LSH for SparseFARE: buckets, multi-probe supports and the tiles of the sorted implementations.
 
 One hash round ``r`` maps ``x ∈ R^s`` to ``h_r(x) = argmax [x R_r ; −x R_r]`` with ``R_r ∈ R^{s × n_b/2}``
 (Andoni et al. 2015; Reformer). The columns of ``R_r`` are Gaussian directions normalised to unit length:
@@ -195,3 +195,35 @@ def build_block_plan(
     invalid = ~(q_mask.bool()[:, :, None] & k_mask.bool()[:, None, :]) | is_self
     support = torch.where(fallback, torch.full_like(support, b - 1), support)
     return BlockPlan(query_idx, key_idx, invalid, fallback, support)
+
+
+@torch.no_grad()
+def block_pairs(bucket: Tensor, probe: Tensor, fallback: Tensor, n_buckets: int, chunk: int
+                ) -> list[tuple[slice, slice]]:
+    """The pairs of blocks ``(I, J)``, ``I <= J``, of ``chunk`` anchors in which some anchor of one block has
+    a negative of the other in its support (one hash round; anchors in any order, normally sorted by bucket
+    so that the pairs are few). A fallback anchor's block meets every block.
+
+    Args:
+        bucket: long ``[b]`` own bucket of each anchor.
+        probe: long ``[b, 1 + m]`` probed buckets.
+        fallback: bool ``[b]``, anchors whose support was empty.
+        n_buckets: number of buckets.
+        chunk: anchors per block.
+
+    Returns:
+        ``(rows, cols)`` slices for :func:`~.nce.blockwise_nce`, read from one device-to-host copy of a
+        ``[⌈b / chunk⌉]²`` bool matrix.
+    """
+    b, dev = bucket.shape[0], bucket.device
+    n_blocks = -(-b // chunk)
+    block = torch.arange(b, device=dev) // chunk
+    own = torch.zeros(n_blocks * n_buckets, device=dev).index_add_(
+        0, block * n_buckets + bucket, torch.ones(b, device=dev))
+    probed = torch.zeros(n_blocks * n_buckets, device=dev).index_add_(
+        0, (block[:, None] * n_buckets + probe).reshape(-1), torch.ones(probe.numel(), device=dev))
+    any_fallback = torch.zeros(n_blocks, device=dev).index_add_(0, block, fallback.to(own.dtype)) > 0
+    meets = (probed.view(n_blocks, n_buckets) @ own.view(n_blocks, n_buckets).T > 0) | any_fallback[:, None]
+    meets = (meets | meets.T).triu().cpu()
+    blocks = [slice(start, min(b, start + chunk)) for start in range(0, b, chunk)]
+    return [(blocks[i], blocks[j]) for i, j in meets.nonzero().tolist()]

@@ -272,7 +272,7 @@ _fused_tile_softmax_ = fused(_tile_softmax_, dynamic=False)
 _fused_tile_pair_softmax_ = fused(_tile_pair_softmax_, dynamic=False)
 
 
-def _tile_pairs(b: int, chunk: int) -> list[tuple[slice, slice]]:
+def tile_pairs(b: int, chunk: int) -> list[tuple[slice, slice]]:
     """The blocks ``(I, J)``, ``I <= J``, of anchors ``0..b-1`` cut into runs of ``chunk``."""
     blocks = [slice(start, min(b, start + chunk)) for start in range(0, b, chunk)]
     return [(rows, cols) for n, rows in enumerate(blocks) for cols in blocks[n:]]
@@ -304,11 +304,11 @@ class _BlockwiseLogSumExp(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, a: Tensor, zv: Tensor, pos: Tensor, chunk: int, cross_only: bool,
-                log_w_block: Callable[..., Tensor], *inputs: Tensor) -> Tensor:
+    def forward(ctx, a: Tensor, zv: Tensor, pos: Tensor, chunk: int, pairs: list[tuple[slice, slice]],
+                cross_only: bool, log_w_block: Callable[..., Tensor], *inputs: Tensor) -> Tensor:
         buf = a.new_empty(4 * min(chunk, pos.shape[0]) ** 2)
         lse = pos.clone(memory_format=torch.contiguous_format)
-        for rows, cols in _tile_pairs(pos.shape[0], chunk):
+        for rows, cols in pairs:
             t = _tile(a, zv[:, cols].reshape(-1, zv.shape[2]), rows, cols, cross_only, buf)
             lw = log_w_block(*inputs, rows, cols).to(t.dtype)
             if rows == cols:
@@ -319,20 +319,20 @@ class _BlockwiseLogSumExp(torch.autograd.Function):
             lse[rows] = torch.logaddexp(lse[rows], lse_rows)
             lse[cols] = torch.logaddexp(lse[cols], lse_cols.T)
         ctx.save_for_backward(a, zv, pos, lse, *inputs)
-        ctx.options = (chunk, cross_only, log_w_block)
+        ctx.options = (chunk, pairs, cross_only, log_w_block)
         return lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
         a, zv, pos, lse, *inputs = ctx.saved_tensors
-        chunk, cross_only, log_w_block = ctx.options
+        chunk, pairs, cross_only, log_w_block = ctx.options
         buf = a.new_empty(4 * min(chunk, pos.shape[0]) ** 2)
         grad_a, grad_zv = torch.zeros_like(a), torch.zeros_like(zv)
         leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
         wanted = [leaf for leaf in leaves if leaf.requires_grad]
         grad_wanted = [torch.zeros_like(leaf) for leaf in wanted]
-        for rows, cols in _tile_pairs(pos.shape[0], chunk):
+        for rows, cols in pairs:
             with torch.enable_grad():
                 lws = [log_w_block(*leaves, rows, cols)]
                 if rows != cols:
@@ -363,7 +363,7 @@ class _BlockwiseLogSumExp(torch.autograd.Function):
         grad_pos = grad * torch.exp(pos - lse)
         found = iter(grad_wanted)
         grad_inputs = [next(found) if leaf.requires_grad else None for leaf in leaves]
-        return grad_a, grad_zv, grad_pos, None, None, None, *grad_inputs
+        return grad_a, grad_zv, grad_pos, None, None, None, None, *grad_inputs
 
 
 def blockwise_nce(
@@ -375,6 +375,7 @@ def blockwise_nce(
     temperature: float = 0.1,
     negatives: str = "both",
     symmetric: bool = True,
+    pairs: list[tuple[slice, slice]] | None = None,
 ) -> Tensor:
     """:func:`weighted_nce` with a dense ``log W`` that is never held whole: anchors go in blocks of ``chunk``,
     each pair of blocks is one tile of logits serving both (the logits are symmetric), and the backward pass
@@ -391,6 +392,9 @@ def blockwise_nce(
         inputs: the tensors ``log_w_block`` reads (saved once, not per block).
         chunk: anchors per block (>= 1).
         temperature, negatives, symmetric: as :func:`weighted_nce`.
+        pairs: the pairs of blocks ``(rows, cols)`` to visit, ``rows`` before or equal to ``cols`` (from
+            :func:`tile_pairs`); ``None`` = all. ``log W`` must be ``-inf`` on both ``[rows, cols]`` and
+            ``[cols, rows]`` of every pair left out (block-sparse weights, as SparseFARE's sorted buckets).
     """
     if negatives not in NEGATIVES:
         raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
@@ -400,6 +404,7 @@ def blockwise_nce(
     pos = ((u * v).sum(dim=1) / temperature)[:, None].expand(-1, 2)  # [b, 2]: the positive of both views
     a = torch.stack([u, v], dim=1).view(-1, u.shape[1]) / temperature  # [2b, d]: anchors in (anchor, view) order
     zv = torch.stack([u, v])  # [2, b, d]: negatives in (view, negative) order
-    lse = _BlockwiseLogSumExp.apply(a, zv, pos, chunk, negatives == "cross", log_w_block, *inputs)
+    pairs = tile_pairs(u.shape[0], chunk) if pairs is None else pairs
+    lse = _BlockwiseLogSumExp.apply(a, zv, pos, chunk, pairs, negatives == "cross", log_w_block, *inputs)
     rows = (lse - pos).T.reshape(-1)  # [ℓ¹_0..ℓ¹_{b-1}, ℓ²_0..ℓ²_{b-1}]
     return (rows if symmetric else rows[: z1.shape[0]]).mean()
