@@ -16,10 +16,11 @@ Each ``ℓ`` is **one** logsumexp over the positive and the weighted negatives, 
 all zero gets ``ℓ = 0`` with exactly zero gradient (never NaN). Dense weights put the positive into the
 ``2b × 2b`` logits (the cross-view self pair, weight ``1 + W_ii``): ``ℓ = log(1 + W_ii) − log_softmax`` at
 the positive, i.e. ``F.cross_entropy`` on the masked matrix when ``W_ii = 0``. The sorted SparseFARE path
-passes :class:`LogWeightBlocks`, never forms a ``b × b`` matrix, and takes each anchor's logsumexp over all
-its tiles and the positive at once (:func:`segment_logsumexp`). :func:`blockwise_nce` runs a dense ``log W``
-one square tile of anchors at a time, each tile serving both of its blocks, and recomputes the tiles in the
-backward pass, so memory stays linear in b.
+with small buckets passes :class:`LogWeightBlocks`, never forms a ``b × b`` matrix, and takes each anchor's
+logsumexp over all its tiles and the positive at once (:func:`segment_logsumexp`). :func:`blockwise_nce`
+runs a dense ``log W`` one square tile of anchors at a time, each tile serving both of its blocks, and
+recomputes the tiles in the backward pass, so memory stays linear in b; given the pairs of blocks where
+``W`` is not zero (SparseFARE with large buckets), it visits only those.
 """
 
 from __future__ import annotations
@@ -272,7 +273,7 @@ _fused_tile_softmax_ = fused(_tile_softmax_, dynamic=False)
 _fused_tile_pair_softmax_ = fused(_tile_pair_softmax_, dynamic=False)
 
 
-def tile_pairs(b: int, chunk: int) -> list[tuple[slice, slice]]:
+def _tile_pairs(b: int, chunk: int) -> list[tuple[slice, slice]]:
     """The blocks ``(I, J)``, ``I <= J``, of anchors ``0..b-1`` cut into runs of ``chunk``."""
     blocks = [slice(start, min(b, start + chunk)) for start in range(0, b, chunk)]
     return [(rows, cols) for n, rows in enumerate(blocks) for cols in blocks[n:]]
@@ -392,8 +393,8 @@ def blockwise_nce(
         inputs: the tensors ``log_w_block`` reads (saved once, not per block).
         chunk: anchors per block (>= 1).
         temperature, negatives, symmetric: as :func:`weighted_nce`.
-        pairs: the pairs of blocks ``(rows, cols)`` to visit, ``rows`` before or equal to ``cols`` (from
-            :func:`tile_pairs`); ``None`` = all. ``log W`` must be ``-inf`` on both ``[rows, cols]`` and
+        pairs: the pairs of blocks ``(rows, cols)`` to visit, slices of ``chunk`` anchors with ``rows`` at or
+            before ``cols``; ``None`` = all. ``log W`` must be ``-inf`` on both ``[rows, cols]`` and
             ``[cols, rows]`` of every pair left out (block-sparse weights, as SparseFARE's sorted buckets).
     """
     if negatives not in NEGATIVES:
@@ -404,7 +405,7 @@ def blockwise_nce(
     pos = ((u * v).sum(dim=1) / temperature)[:, None].expand(-1, 2)  # [b, 2]: the positive of both views
     a = torch.stack([u, v], dim=1).view(-1, u.shape[1]) / temperature  # [2b, d]: anchors in (anchor, view) order
     zv = torch.stack([u, v])  # [2, b, d]: negatives in (view, negative) order
-    pairs = tile_pairs(u.shape[0], chunk) if pairs is None else pairs
+    pairs = _tile_pairs(u.shape[0], chunk) if pairs is None else pairs
     lse = _BlockwiseLogSumExp.apply(a, zv, pos, chunk, pairs, negatives == "cross", log_w_block, *inputs)
     rows = (lse - pos).T.reshape(-1)  # [ℓ¹_0..ℓ¹_{b-1}, ℓ²_0..ℓ²_{b-1}]
     return (rows if symmetric else rows[: z1.shape[0]]).mean()
