@@ -20,8 +20,10 @@ from test_attention import ref_metric  # the loop oracle (the tests folder is on
 
 import clusterformers.contrastive.nce as nce
 import clusterformers.moe.adaptive as adaptive
+import clusterformers.moe.layer as layer_mod
 from clusterformers import fused as fused_mod
 from clusterformers.attention import EllipticalAttention, KVCache, _fused_mean_metric, elliptical_metric
+from clusterformers.moe import MoE
 from clusterformers.moe.adaptive import ACConfig, AdaptiveMetric
 
 
@@ -234,6 +236,26 @@ def test_blockwise_fare_and_fair_infonce_compiled_equal_the_dense_loss(dtype, co
         torch.testing.assert_close(a, c, **tol)
     assert set(compiles) == {"_tile_logsumexp", "_tile_pair_logsumexp", "_tile_softmax_", "_tile_pair_softmax_",
                              "_shifted_log_softmax", "_row_logsumexp"}
+
+
+def test_gated_experts_compiled_equal_eager(compiles, monkeypatch) -> None:
+    """SwiGLU experts on the grouped path (float32) and the loop (float64): the compiled activation, forward and
+    backward, against the eager one."""
+    monkeypatch.setattr(layer_mod, "_fused_swiglu", fused_mod.fused(layer_mod._swiglu))
+    for dtype in (torch.float32, torch.float64):
+        torch.manual_seed(0)
+        moe = MoE(16, 4, 2, 32, gated=True).to(dtype)
+        x = torch.randn(3, 10, 16, dtype=dtype, requires_grad=True)
+        grads = {}
+        for on in (True, False):
+            fused_mod.set_fused(on)
+            out = moe(x)
+            grads[on] = (out, *torch.autograd.grad(out.square().sum(), (x, moe.experts.w_in, moe.experts.w_out)))
+        fused_mod.set_fused(True)
+        for a, c in zip(grads[True], grads[False], strict=True):
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+        assert grads[True][2].abs().max() > 0
+    assert compiles and set(compiles) == {"_swiglu"}
 
 
 def test_a_failed_compile_falls_back_to_eager_once(monkeypatch, caplog) -> None:
