@@ -104,10 +104,11 @@ def test_sorted_with_fallback_and_small_tiles_matches_fare_rows(sorted_path):
     assert pairs == {(i, j) for i in range(12) for j in range(12) if mask[i, j]}
 
 
-def test_walk_is_the_default_for_large_buckets_and_equals_dense():
+def test_walk_is_the_default_for_large_buckets_and_equals_dense(monkeypatch):
     """b = 2,048 with the default 4 buckets: the walk (blocks of 512 anchors), against the dense reference."""
     z1, z2, c, w_q, w_k = _inputs(2048, seed=1)
-    assert 2048 >= functional.WALK_MIN_BUCKET * 4
+    walks, walk = [], functional._sparse_fare_walk
+    monkeypatch.setattr(functional, "_sparse_fare_walk", lambda *args: walks.append(len(args)) or walk(*args))
     out = {}
     for impl in ("sorted", "dense"):
         gen = torch.Generator().manual_seed(0)
@@ -118,6 +119,7 @@ def test_walk_is_the_default_for_large_buckets_and_equals_dense():
     for gs, gd in zip(out["sorted"][1], out["dense"][1], strict=True):
         assert torch.allclose(gs, gd, rtol=1e-9, atol=1e-14)
     assert out["sorted"][2]["support"] == out["dense"][2]["support"] > 400
+    assert len(walks) == 1  # the sorted call walked (the dense one does not)
 
 
 def test_block_pairs_are_the_blocks_that_meet_in_the_support():
