@@ -41,6 +41,7 @@ from clusterformers.contrastive.lsh import (
     build_block_plan,
     draw_rotations,
     hash_buckets,
+    support_sizes,
     tile_size,
 )
 from clusterformers.contrastive.lsh import support_mask as lsh_support_mask
@@ -609,13 +610,10 @@ def _sparse_fare_walk(z1: Tensor, z2: Tensor, q: Tensor, k: Tensor, bucket: Tens
     Returns:
         the loss, the fallback flags ``[b]`` and the support sizes ``[b]`` (both in the sorted order).
     """
-    b = z1.shape[0]
     order = torch.argsort(bucket, stable=True)
     z1, z2, q, k = (x.index_select(0, order) for x in (z1, z2, q, k))
     bucket, probe = bucket[order], probe[order]
-    key_counts = torch.zeros(n_b, dtype=torch.long, device=bucket.device).index_add_(0, bucket, torch.ones_like(bucket))
-    support = key_counts[probe].sum(dim=1) - 1
-    fallback = support == 0
+    _, fallback, support = support_sizes(bucket, probe, n_b)
     chunk = CHUNK_AUTO_ROWS
     pairs = block_pairs(bucket, probe, fallback, n_b, chunk)
 
@@ -640,7 +638,7 @@ def _sparse_fare_walk(z1: Tensor, z2: Tensor, q: Tensor, k: Tensor, bucket: Tens
         return att + (shift - lse[rows])[:, None]
 
     loss = blockwise_nce(z1, z2, block, (q, k, lse), chunk, pairs=pairs, **nce)
-    return loss, fallback, torch.where(fallback, torch.full_like(support, b - 1), support)
+    return loss, fallback, support
 
 
 @torch.no_grad()

@@ -164,10 +164,8 @@ def build_block_plan(
     dev = bucket.device
     tile = tile_size(b, n_buckets) if tile is None else tile
     target = probe.reshape(-1)
-    key_counts = torch.zeros(n_buckets, dtype=torch.long, device=dev).index_add_(0, bucket, torch.ones_like(bucket))
+    key_counts, fallback, support = support_sizes(bucket, probe, n_buckets)
     query_counts = torch.zeros(n_buckets, dtype=torch.long, device=dev).index_add_(0, target, torch.ones_like(target))
-    support = key_counts[probe].sum(dim=1) - 1
-    fallback = support == 0
     query_order = torch.div(torch.argsort(target, stable=True), n_probe, rounding_mode="floor")
     counts = torch.cat([query_counts, key_counts, fallback.sum()[None]]).cpu()
     q_counts = torch.cat([counts[:n_buckets], counts[-1:]])
@@ -193,8 +191,21 @@ def build_block_plan(
     if allow_self:
         is_self &= fb_pair.bool()[:, :, None]
     invalid = ~(q_mask.bool()[:, :, None] & k_mask.bool()[:, None, :]) | is_self
-    support = torch.where(fallback, torch.full_like(support, b - 1), support)
     return BlockPlan(query_idx, key_idx, invalid, fallback, support)
+
+
+def support_sizes(bucket: Tensor, probe: Tensor, n_buckets: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Bucket sizes and supports of one hash round (``probe`` distinct per row, ``probe[:, 0] == bucket``).
+
+    Returns:
+        long ``[n_buckets]`` samples per bucket, bool ``[b]`` the anchors whose support is empty (they fall
+        back to every ``j ≠ i``), and long ``[b]`` ``|S_i|`` (``j ≠ i``) after the fallback.
+    """
+    ones = torch.ones_like(bucket)
+    key_counts = torch.zeros(n_buckets, dtype=torch.long, device=bucket.device).index_add_(0, bucket, ones)
+    support = key_counts[probe].sum(dim=1) - 1
+    fallback = support == 0
+    return key_counts, fallback, torch.where(fallback, torch.full_like(support, bucket.shape[0] - 1), support)
 
 
 @torch.no_grad()
