@@ -24,7 +24,7 @@ from clusterformers.contrastive import (
     InfoNCELoss,
     KMeansDiscretizer,
     SparseFARELoss,
-    functional,
+    sparse,
 )
 
 B, D, S = 32, 16, 3
@@ -133,7 +133,7 @@ def test_variants_trace_fullgraph_without_recompiles(name):
 def test_sparse_fare_sorted_bucket_sizes_change_between_reused_calls():
     """The sorted plan's tile count is data-dependent; the eval batches above really differ in it."""
     loss_fn = _eval_sparse()
-    from clusterformers.contrastive.functional import standardize
+    from clusterformers.contrastive.fare_attention import standardize
     from clusterformers.contrastive.lsh import hash_buckets
 
     counts = set()
@@ -217,5 +217,5 @@ def test_no_host_reads_without_value_checks(name):
 def test_sorted_sparse_fare_compiles_to_the_tile_plan_where_eager_walks(monkeypatch):
     """The walk over blocks of anchors (eager, large buckets) loops over a data-dependent list of blocks;
     compiled code takes the tile plan instead, in one graph, with the same loss and gradients."""
-    monkeypatch.setattr(functional, "WALK_MIN_BUCKET", 1)  # every batch counts as one of large buckets
+    monkeypatch.setattr(sparse, "WALK_MIN_BUCKET", 1)  # every batch counts as one of large buckets
     _check_compiled(lambda: SparseFARELoss(S, check_inputs=False), False, backend="aot_eager", calls=2)

@@ -19,6 +19,7 @@ from clusterformers.contrastive import (
     GridDiscretizer,
     InfoNCELoss,
     KMeansDiscretizer,
+    LSHConfig,
     SparseFARELoss,
     cclk,
     cclk_weights,
@@ -308,7 +309,8 @@ def test_sparse_fare_one_bucket_is_fare():
     c, (w_q, w_k) = colours(9), projections()
     ref = fare(z1, z2, c, w_q, w_k).item()
     for impl in ("sorted", "dense"):
-        assert sparse_fare(z1, z2, c, w_q, w_k, n_buckets=1, impl=impl).item() == pytest.approx(ref, rel=1e-12)
+        got = sparse_fare(z1, z2, c, w_q, w_k, lsh=LSHConfig(n_buckets=1), impl=impl)
+        assert got.item() == pytest.approx(ref, rel=1e-12)
 
 
 def test_sparse_fare_uniform_on_given_buckets_is_scaled_fair_info_nce():
@@ -494,14 +496,16 @@ def test_errors_name_the_argument():
         (ValueError, "sensitive_dim", lambda: FARELoss(2).double()(z1, z2, torch.tensor([0, 1, 2, 0, 1, 2]))),
         (ValueError, "device", lambda: fare(z1, z2, c.to("meta"), w_q, w_k)),
         (ValueError, "n_buckets", lambda: SparseFARELoss(3, n_buckets=3)),
-        (ValueError, "n_buckets", lambda: sparse_fare(z1, z2, c, w_q, w_k, n_buckets=5)),
+        (ValueError, "n_buckets", lambda: LSHConfig(n_buckets=5)),
         (ValueError, "lam", lambda: CCLKLoss(lam=0.0)),
         (ValueError, "lam", lambda: cclk(z1, z2, c, lam=-1.0)),
         (ValueError, "n_hashes", lambda: SparseFARELoss(3, n_hashes=2)),
         (ValueError, "kernel", lambda: CCLKLoss(kernel="gauss")),
         (ValueError, "temperature", lambda: InfoNCELoss(temperature=0.0)),
         (ValueError, "negatives", lambda: info_nce(z1, z2, negatives="same")),
-        (ValueError, "neighbours", lambda: sparse_fare(z1, z2, c, w_q, w_k, n_buckets=4, neighbours=4)),
+        (ValueError, "neighbours", lambda: sparse_fare(z1, z2, c, w_q, w_k, lsh=LSHConfig(n_buckets=4, neighbours=4))),
+        (ValueError, "n_hashes", lambda: sparse_fare(z1, z2, c, w_q, w_k, lsh=LSHConfig(n_hashes=2))),
+        (TypeError, "lsh", lambda: sparse_fare(z1, z2, c, w_q, w_k, lsh={"n_buckets": 4})),
         (TypeError, "z1", lambda: info_nce(torch.ones(6, 5, dtype=torch.long), z2)),
         (TypeError, "discretizer", lambda: fair_info_nce(z1, z2, c)),
         (ValueError, "not fitted", lambda: fair_info_nce(z1, z2, c, discretizer=KMeansDiscretizer())),

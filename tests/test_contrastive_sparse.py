@@ -8,12 +8,13 @@ import torch
 from clusterformers.bench.cost import LiveTensorTracker, loss_step, make_loss, peak_bytes
 from clusterformers.contrastive import (
     LogWeightBlocks,
+    LSHConfig,
     SparseFARELoss,
     build_block_plan,
     draw_rotations,
     fare,
-    functional,
     hash_buckets,
+    sparse,
     sparse_fare,
     support_mask,
     weighted_nce,
@@ -42,20 +43,20 @@ def _inputs(b, seed=0, s=3, d=6, d_k=4):
 def sorted_path(request, monkeypatch):
     """Both sorted implementations at test sizes: the tile plan (small buckets) and the walk over blocks of
     anchors sorted by bucket (large buckets), here in blocks of 8 anchors."""
-    monkeypatch.setattr(functional, "WALK_MIN_BUCKET", 1 if request.param == "walk" else 10**9)
-    monkeypatch.setattr(functional, "CHUNK_AUTO_ROWS", 8)
+    monkeypatch.setattr(sparse, "WALK_MIN_BUCKET", 1 if request.param == "walk" else 10**9)
+    monkeypatch.setattr(sparse, "CHUNK_AUTO_ROWS", 8)
     return request.param
 
 
 @pytest.mark.parametrize(
     "options",
     [
-        {"n_buckets": 4},
-        {"n_buckets": 8, "neighbours": 1},
-        {"n_buckets": 6, "neighbours": 2, "score": "neg_sqdist"},
-        {"bucket_size": 5, "neighbours": 1, "mask_self": False},
-        {"n_buckets": 4, "hash_on": "keys", "negatives": "cross", "symmetric": False},
-        {"n_buckets": 16, "neg_scale": "none"},  # many singleton buckets: fallback rows
+        {"lsh": LSHConfig(n_buckets=4)},
+        {"lsh": LSHConfig(n_buckets=8, neighbours=1)},
+        {"lsh": LSHConfig(n_buckets=6, neighbours=2), "score": "neg_sqdist"},
+        {"lsh": LSHConfig(bucket_size=5, neighbours=1), "mask_self": False},
+        {"lsh": LSHConfig(n_buckets=4, hash_on="keys"), "negatives": "cross", "symmetric": False},
+        {"lsh": LSHConfig(n_buckets=16), "neg_scale": "none"},  # many singleton buckets: fallback rows
     ],
 )
 def test_sorted_equals_dense_values_and_gradients(options, sorted_path):
@@ -77,7 +78,8 @@ def test_sorted_equals_dense_random_sweep_with_empty_probes_and_fallbacks(sorted
     z1, z2, c, w_q, w_k = _inputs(11, seed=5)
     fallbacks = 0
     for seed in range(24):
-        options = {"n_buckets": (4, 8, 16)[seed % 3], "neighbours": seed % 3, "mask_self": seed % 2 == 0}
+        lsh = LSHConfig(n_buckets=(4, 8, 16)[seed % 3], neighbours=seed % 3)
+        options = {"lsh": lsh, "mask_self": seed % 2 == 0}
         values = []
         for impl in ("sorted", "dense"):
             gen = torch.Generator().manual_seed(seed)
@@ -107,8 +109,8 @@ def test_sorted_with_fallback_and_small_tiles_matches_fare_rows(sorted_path):
 def test_walk_is_the_default_for_large_buckets_and_equals_dense(monkeypatch):
     """b = 2,048 with the default 4 buckets: the walk (blocks of 512 anchors), against the dense reference."""
     z1, z2, c, w_q, w_k = _inputs(2048, seed=1)
-    walks, walk = [], functional._sparse_fare_walk
-    monkeypatch.setattr(functional, "_sparse_fare_walk", lambda *args: walks.append(len(args)) or walk(*args))
+    walks, walk = [], sparse._sparse_fare_walk
+    monkeypatch.setattr(sparse, "_sparse_fare_walk", lambda *args: walks.append(len(args)) or walk(*args))
     out = {}
     for impl in ("sorted", "dense"):
         gen = torch.Generator().manual_seed(0)
@@ -173,7 +175,7 @@ def test_block_weights_gradcheck_against_dense_weights():
 def test_n_hashes_dense_union_of_rounds():
     z1, z2, c, w_q, w_k = _inputs(20)
     gen = torch.Generator().manual_seed(1)
-    loss = sparse_fare(z1, z2, c, w_q, w_k, impl="dense", n_hashes=3, n_buckets=8, generator=gen)
+    loss = sparse_fare(z1, z2, c, w_q, w_k, impl="dense", lsh=LSHConfig(n_buckets=8, n_hashes=3), generator=gen)
     zh = (c - c.mean(0)) / (c.std(0, unbiased=False) + 1e-6)
     rot = draw_rotations(3, 8, 3, generator=torch.Generator().manual_seed(1), dtype=D64)
     buckets, probes = hash_buckets(zh, rot)
@@ -290,9 +292,9 @@ def test_sparse_memory_grows_linearly_fare_quadratically_up_to_1024_then_linearl
         torch.manual_seed(0)
         return peak_bytes(loss_step(make_loss(name), b, dtype=dtype), "cpu")
 
-    sparse = peak("sparse_fare", 4096) / peak("sparse_fare", 1024)  # bucket_size=64, Gaussian z
+    sparse_growth = peak("sparse_fare", 4096) / peak("sparse_fare", 1024)  # bucket_size=64, Gaussian z
     dense = peak("fare", 1024, torch.float32) / peak("fare", 256, torch.float32)  # FARE is dense up to b = 1024
     blocked = peak("fare", 4096, torch.float32) / peak("fare", 2048, torch.float32)  # then row blocks of 512
-    assert sparse <= 6.0
+    assert sparse_growth <= 6.0
     assert dense >= 12.0
     assert blocked <= 2.5

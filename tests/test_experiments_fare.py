@@ -128,7 +128,7 @@ def test_losses_and_configs(digits) -> None:
     fare_loss = build_loss("fare", {"rho": 0.25}, 0.1, digits[0])
     assert isinstance(fare_loss, FARELoss) and fare_loss.rho == 0.25 and len(list(fare_loss.parameters())) == 2
     sparse = build_loss("sparse_fare", {"neighbours": 1, "n_buckets": 4}, 0.1, digits[0])
-    assert isinstance(sparse, SparseFARELoss) and sparse.neighbours == 1 and sparse.n_buckets == 4
+    assert isinstance(sparse, SparseFARELoss) and sparse.lsh.neighbours == 1 and sparse.lsh.n_buckets == 4
     with pytest.raises(ValueError, match="kind"):
         build_loss("simclr", {}, 0.1, digits[0])
     with pytest.raises(ValueError, match="arms"):

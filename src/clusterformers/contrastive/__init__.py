@@ -15,7 +15,7 @@ from clusterformers.contrastive.losses import (
     InfoNCELoss,
     SparseFARELoss,
 )
-from clusterformers.contrastive.lsh import build_block_plan, draw_rotations, hash_buckets, support_mask
+from clusterformers.contrastive.lsh import LSHConfig, build_block_plan, draw_rotations, hash_buckets, support_mask
 from clusterformers.contrastive.nce import LogWeightBlocks, weighted_nce, weighted_nce_rows
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "GridDiscretizer",
     "InfoNCELoss",
     "KMeansDiscretizer",
+    "LSHConfig",
     "LogWeightBlocks",
     "SparseFARELoss",
     "build_block_plan",

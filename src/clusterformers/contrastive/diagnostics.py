@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+DIAG_ROWS = 512  # the diagnostics of a loss read its first this many anchor rows
+
 
 def average_ranks(x: Tensor, mask: Tensor) -> Tensor:
     """Ranks ``0..n_i-1`` of ``x`` ``[r, n]`` within each row's ``mask``, ties averaged (masked entries: 0)."""

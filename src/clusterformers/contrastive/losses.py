@@ -30,10 +30,12 @@ from torch import Tensor, nn
 
 from clusterformers.collectives import all_gather_cat
 from clusterformers.contrastive import functional as fn
+from clusterformers.contrastive.fare_attention import NEG_SCALES, SCORES, Z_NORMS
 from clusterformers.contrastive.inputs import check_sensitive, compute_dtype, one_hot_groups
 from clusterformers.contrastive.kernels import KERNELS
-from clusterformers.contrastive.lsh import buckets_for_batch, draw_rotations
+from clusterformers.contrastive.lsh import LSHConfig, draw_rotations
 from clusterformers.contrastive.nce import NEGATIVES
+from clusterformers.contrastive.sparse import check_impl
 
 logger = logging.getLogger(__name__)
 
@@ -271,12 +273,12 @@ class FARELoss(ContrastiveLoss):
         super().__init__(**kwargs)
         if sensitive_dim < 1 or d_k < 1:
             raise ValueError(f"sensitive_dim and d_k must be >= 1, got {sensitive_dim} and {d_k}")
-        if score not in fn.SCORES:
-            raise ValueError(f"score must be one of {fn.SCORES}, got {score!r}")
-        if z_norm not in (*fn.Z_NORMS, "running"):
-            raise ValueError(f"z_norm must be one of {(*fn.Z_NORMS, 'running')}, got {z_norm!r}")
-        if neg_scale not in fn.NEG_SCALES:
-            raise ValueError(f"neg_scale must be one of {fn.NEG_SCALES}, got {neg_scale!r}")
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+        if z_norm not in (*Z_NORMS, "running"):
+            raise ValueError(f"z_norm must be one of {(*Z_NORMS, 'running')}, got {z_norm!r}")
+        if neg_scale not in NEG_SCALES:
+            raise ValueError(f"neg_scale must be one of {NEG_SCALES}, got {neg_scale!r}")
         if rho is not None and not rho > 0:
             raise ValueError(f"rho must be > 0 or None, got {rho}")
         if not 0.0 < momentum <= 1.0:
@@ -364,6 +366,9 @@ class SparseFARELoss(FARELoss):
         eval_seed: in eval mode the projections come from this seed, so evaluation is deterministic.
         unit_rotations: unit-length projection directions (:mod:`~.lsh`).
 
+    The hashing options are checked and kept together as ``self.lsh``, an :class:`~.lsh.LSHConfig`, which is
+    also what :func:`~.sparse.sparse_fare` takes.
+
     ``forward(z1, z2, sensitive, buckets=None, return_stats=False)``: ``buckets`` (long ``[b]``) replaces
     hashing; integer ``sensitive`` groups are the buckets.
 
@@ -402,35 +407,28 @@ class SparseFARELoss(FARELoss):
         **kwargs,
     ) -> None:
         super().__init__(sensitive_dim, **kwargs)
-        if n_buckets != 1 and (n_buckets < 2 or n_buckets % 2):
-            raise ValueError(f"n_buckets must be 1 (no hashing) or even >= 2, got {n_buckets}")
-        if bucket_size is not None and bucket_size < 1:
-            raise ValueError(f"bucket_size must be >= 1 or None, got {bucket_size}")
-        if impl not in fn.IMPLS:
-            raise ValueError(f"impl must be one of {fn.IMPLS}, got {impl!r}")
-        if n_hashes < 1 or (impl == "sorted" and n_hashes != 1):
-            raise ValueError(f"n_hashes must be >= 1, and 1 with impl='sorted' (use impl='dense'), got {n_hashes}")
-        if neighbours < 0:
-            raise ValueError(f"neighbours must be >= 0, got {neighbours}")
-        if hash_on not in fn.HASH_ON:
-            raise ValueError(f"hash_on must be one of {fn.HASH_ON}, got {hash_on!r}")
-        self.n_buckets, self.bucket_size, self.n_hashes, self.neighbours = n_buckets, bucket_size, n_hashes, neighbours
-        self.hash_on, self.impl, self.generator, self.eval_seed = hash_on, impl, generator, eval_seed
-        self.unit_rotations = unit_rotations
+        self.lsh = LSHConfig(n_buckets=n_buckets, bucket_size=bucket_size, n_hashes=n_hashes, neighbours=neighbours,
+                             hash_on=hash_on, unit_rotations=unit_rotations)
+        check_impl(impl, self.lsh)
+        self.impl, self.generator, self.eval_seed = impl, generator, eval_seed
         self._eval_rotations: dict[tuple, Tensor] = {}  # CPU float64, keyed by everything they depend on
         if bucket_size is None:
             self.eval_rotations(n_buckets)
 
     def eval_rotations(self, n_b: int) -> Tensor:
         """The eval-mode projections ``[n_hashes, s', n_b/2]`` (CPU float64): drawn from ``eval_seed`` once."""
-        dim = self.sensitive_dim if self.hash_on == "z" else self.w_k.shape[0]
-        key = (n_b, dim, self.n_hashes, self.eval_seed, self.unit_rotations)
+        dim = self._hashed_dim()
+        key = (n_b, dim, self.lsh.n_hashes, self.eval_seed, self.lsh.unit_rotations)
         rot = self._eval_rotations.get(key)
         if rot is None:
             gen = torch.Generator().manual_seed(self.eval_seed)
-            rot = draw_rotations(dim, n_b, self.n_hashes, generator=gen, dtype=torch.float64, unit=self.unit_rotations)
+            rot = draw_rotations(dim, n_b, self.lsh.n_hashes, generator=gen, dtype=torch.float64,
+                                 unit=self.lsh.unit_rotations)
             self._eval_rotations[key] = rot
         return rot
+
+    def _hashed_dim(self) -> int:
+        return self.sensitive_dim if self.lsh.hash_on == "z" else self.w_k.shape[0]
 
     def _loss(
         self, z1: Tensor, z2: Tensor, sensitive: Tensor, *, return_stats: bool, diagnostics: bool,
@@ -441,16 +439,13 @@ class SparseFARELoss(FARELoss):
         hashed = given is None and isinstance(attribute, Tensor) and attribute.is_floating_point()
         rotations = None
         if hashed and not self.training:
-            rotations = self.eval_rotations(buckets_for_batch(z1.shape[0], self.n_buckets, self.bucket_size))
+            rotations = self.eval_rotations(self.lsh.buckets_for(z1.shape[0]))
         elif hashed and self._world() > 1:
-            rotations = self._shared_rotations(buckets_for_batch(z1.shape[0], self.n_buckets, self.bucket_size),
-                                               z1.device)
+            rotations = self._shared_rotations(self.lsh.buckets_for(z1.shape[0]), z1.device)
         out = fn.sparse_fare(
-            z1, z2, attribute, self.w_q, self.w_k, n_buckets=self.n_buckets, bucket_size=self.bucket_size,
-            n_hashes=self.n_hashes, neighbours=self.neighbours, hash_on=self.hash_on, impl=self.impl,
+            z1, z2, attribute, self.w_q, self.w_k, lsh=self.lsh, impl=self.impl,
             generator=self.generator if self.training else None, rotations=rotations, buckets=given,
-            unit_rotations=self.unit_rotations, z_norm=z_norm, return_stats=return_stats, diagnostics=diagnostics,
-            **self._fare_kwargs(), **self._common(),
+            z_norm=z_norm, return_stats=return_stats, diagnostics=diagnostics, **self._fare_kwargs(), **self._common(),
         )
         self._commit(running)
         return out
@@ -458,12 +453,12 @@ class SparseFARELoss(FARELoss):
     def _shared_rotations(self, n_b: int, device: torch.device) -> Tensor:
         """Training projections drawn on rank 0 (its ``generator`` or global RNG) and broadcast, so every rank
         hashes the gathered batch alike."""
-        dim = self.sensitive_dim if self.hash_on == "z" else self.w_k.shape[0]
-        rot = draw_rotations(dim, n_b, self.n_hashes, generator=self.generator, dtype=torch.float64,
-                             unit=self.unit_rotations).to(device)
+        rot = draw_rotations(self._hashed_dim(), n_b, self.lsh.n_hashes, generator=self.generator,
+                             dtype=torch.float64, unit=self.lsh.unit_rotations).to(device)
         dist.broadcast(rot, src=0)
         return rot
 
     def extra_repr(self) -> str:
-        size = f"bucket_size={self.bucket_size}" if self.bucket_size is not None else f"n_buckets={self.n_buckets}"
-        return f"{size}, neighbours={self.neighbours}, impl={self.impl!r}, {super().extra_repr()}"
+        lsh = self.lsh
+        size = f"bucket_size={lsh.bucket_size}" if lsh.bucket_size is not None else f"n_buckets={lsh.n_buckets}"
+        return f"{size}, neighbours={lsh.neighbours}, impl={self.impl!r}, {super().extra_repr()}"

@@ -19,6 +19,46 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+HASH_ON = ("z", "keys")
+
+
+@dataclass(frozen=True)
+class LSHConfig:
+    """How SparseFARE hashes a batch into buckets; checked when built.
+
+    Attributes:
+        n_buckets: ``n_b``: 1 (no hashing, one bucket) or even.
+        bucket_size: target bucket size ``c``: ``n_b = 2⌈b/2c⌉`` follows the batch, so the cost stays
+            sub-quadratic (overrides ``n_buckets``); ``None``: ``n_buckets``.
+        n_hashes: hash rounds (the support is the union over rounds); more than one needs ``impl="dense"``.
+        neighbours: extra buckets probed per round (multi-probe), below ``n_b``.
+        hash_on: ``"z"`` (hash the standardised attribute ``ẑ``) or ``"keys"`` (hash ``W_K ẑ``, an ablation).
+        unit_rotations: unit-length projection directions (see the module docstring).
+    """
+
+    n_buckets: int = 4
+    bucket_size: int | None = None
+    n_hashes: int = 1
+    neighbours: int = 0
+    hash_on: str = "z"
+    unit_rotations: bool = True
+
+    def __post_init__(self) -> None:
+        if self.n_buckets != 1 and (self.n_buckets < 2 or self.n_buckets % 2):
+            raise ValueError(f"n_buckets must be 1 (no hashing) or even >= 2, got {self.n_buckets}")
+        if self.bucket_size is not None and self.bucket_size < 1:
+            raise ValueError(f"bucket_size must be >= 1 or None, got {self.bucket_size}")
+        if self.n_hashes < 1:
+            raise ValueError(f"n_hashes must be >= 1, got {self.n_hashes}")
+        if self.neighbours < 0:
+            raise ValueError(f"neighbours must be >= 0, got {self.neighbours}")
+        if self.hash_on not in HASH_ON:
+            raise ValueError(f"hash_on must be one of {HASH_ON}, got {self.hash_on!r}")
+
+    def buckets_for(self, batch: int) -> int:
+        """``n_b`` for a batch of ``batch`` anchors (:func:`buckets_for_batch`)."""
+        return buckets_for_batch(batch, self.n_buckets, self.bucket_size)
+
 
 def buckets_for_batch(batch: int, n_buckets: int, bucket_size: int | None) -> int:
     """Number of buckets: ``n_buckets``, or ``2⌈b / 2c⌉`` (≥ 2) when a target ``bucket_size = c`` is set."""
