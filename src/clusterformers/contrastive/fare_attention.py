@@ -21,10 +21,22 @@ NEG_SCALES = ("b-1", "none")
 NEG_INF = float("-inf")
 
 
+def check_options(rho: float | None, score: str, neg_scale: str, z_norm: str, z_norms: tuple[str, ...] = Z_NORMS
+                  ) -> None:
+    """Raise on a FARE option outside its choices (``rho`` a positive number or ``None``)."""
+    if rho is not None and not rho > 0:
+        raise ValueError(f"rho must be > 0 or None, got {rho}")
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    if neg_scale not in NEG_SCALES:
+        raise ValueError(f"neg_scale must be one of {NEG_SCALES}, got {neg_scale!r}")
+    if z_norm not in z_norms:
+        raise ValueError(f"z_norm must be one of {z_norms}, got {z_norm!r}")
+
+
 def standardize(z: Tensor, z_norm: str) -> Tensor:
-    """``"batch"``: per-dimension ``(z − mean) / (std + 1e-6)`` with batch statistics; ``"none"``: ``z``."""
-    if z_norm not in Z_NORMS:
-        raise ValueError(f"z_norm must be one of {Z_NORMS} here (the modules add 'running'), got {z_norm!r}")
+    """``"batch"``: per-dimension ``(z − mean) / (std + 1e-6)`` with batch statistics; ``"none"``: ``z``
+    (``z_norm`` as checked by :func:`check_options`)."""
     if z_norm == "none":
         return z
     return (z - z.mean(0)) / (z.std(0, unbiased=False) + 1e-6)
@@ -56,22 +68,16 @@ def scores(q: Tensor, k: Tensor, rho: float, score: str) -> Tensor:
 def projections(
     zhat: Tensor, w_q: Tensor, w_k: Tensor, rho: float | None, score: str, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor, float]:
-    """Queries and keys ``[b, d_k]`` in ``dtype``, and ``ρ`` (``None``: ``√d_k``), after checking them."""
-    if score not in SCORES:
-        raise ValueError(f"score must be one of {SCORES}, got {score!r}")
+    """Queries and keys ``[b, d_k]`` in ``dtype``, and ``ρ`` (``None``: ``√d_k``)."""
     if w_q.dim() != 2 or w_q.shape != w_k.shape:
         raise ValueError(f"w_q and w_k must both be [d_k, s], got {list(w_q.shape)} and {list(w_k.shape)}")
     rho = math.sqrt(w_q.shape[0]) if rho is None else float(rho)
-    if not rho > 0:
-        raise ValueError(f"rho must be > 0, got {rho}")
     zhat = zhat.to(dtype)
     return zhat @ w_q.to(dtype).T, zhat @ w_k.to(dtype).T, rho
 
 
 def log_scale(b: int, neg_scale: str) -> float:
     """``log(b − 1)`` for ``"b-1"`` (uniform attention gives InfoNCE), ``0`` for ``"none"``."""
-    if neg_scale not in NEG_SCALES:
-        raise ValueError(f"neg_scale must be one of {NEG_SCALES}, got {neg_scale!r}")
     return math.log(b - 1) if neg_scale == "b-1" else 0.0
 
 

@@ -29,6 +29,7 @@ from clusterformers.contrastive.diagnostics import DIAG_ROWS, weighting_diagnost
 from clusterformers.contrastive.fare_attention import (
     NEG_INF,
     attribute,
+    check_options,
     fare_attention,
     fill_self_pairs,
     fused_row_logsumexp,
@@ -281,6 +282,7 @@ def fare(
             ``O(chunk_size · b)`` instead of ``O(b²)``; the loss and gradients equal the dense ones (up to
             rounding). ``"auto"``: dense up to ``b = 1024``, blocks of 512 above; ``None``: always dense.
     """
+    check_options(rho, score, neg_scale, z_norm)
     z1, z2 = check_embeddings(z1, z2, check_inputs)
     b = z1.shape[0]
     dtype = compute_dtype(z1.dtype, w_q.dtype)

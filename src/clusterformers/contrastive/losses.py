@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from clusterformers.collectives import all_gather_cat
 from clusterformers.contrastive import functional as fn
-from clusterformers.contrastive.fare_attention import NEG_SCALES, SCORES, Z_NORMS
+from clusterformers.contrastive.fare_attention import Z_NORMS, check_options
 from clusterformers.contrastive.inputs import check_sensitive, compute_dtype, one_hot_groups
 from clusterformers.contrastive.kernels import KERNELS
 from clusterformers.contrastive.lsh import LSHConfig, draw_rotations
@@ -273,14 +273,7 @@ class FARELoss(ContrastiveLoss):
         super().__init__(**kwargs)
         if sensitive_dim < 1 or d_k < 1:
             raise ValueError(f"sensitive_dim and d_k must be >= 1, got {sensitive_dim} and {d_k}")
-        if score not in SCORES:
-            raise ValueError(f"score must be one of {SCORES}, got {score!r}")
-        if z_norm not in (*Z_NORMS, "running"):
-            raise ValueError(f"z_norm must be one of {(*Z_NORMS, 'running')}, got {z_norm!r}")
-        if neg_scale not in NEG_SCALES:
-            raise ValueError(f"neg_scale must be one of {NEG_SCALES}, got {neg_scale!r}")
-        if rho is not None and not rho > 0:
-            raise ValueError(f"rho must be > 0 or None, got {rho}")
+        check_options(rho, score, neg_scale, z_norm, (*Z_NORMS, "running"))
         if not 0.0 < momentum <= 1.0:
             raise ValueError(f"momentum must lie in (0, 1] (the EMA weight of the new batch), got {momentum}")
         self.sensitive_dim, self.learn_projections = sensitive_dim, learn_projections

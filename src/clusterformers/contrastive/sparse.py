@@ -16,6 +16,7 @@ from clusterformers.contrastive.diagnostics import DIAG_ROWS, weighting_diagnost
 from clusterformers.contrastive.fare_attention import (
     NEG_INF,
     attribute,
+    check_options,
     fare_attention,
     fused_row_logsumexp,
     log_scale,
@@ -109,6 +110,7 @@ def sparse_fare(
     if not isinstance(lsh, LSHConfig):
         raise TypeError(f"lsh must be an LSHConfig, got {type(lsh).__name__}")
     check_impl(impl, lsh)
+    check_options(rho, score, neg_scale, z_norm)
     z1, z2 = check_embeddings(z1, z2, check_inputs)
     b = z1.shape[0]
     dtype = compute_dtype(z1.dtype, w_q.dtype)
