@@ -134,11 +134,16 @@ def test_block_pairs_are_the_blocks_that_meet_in_the_support():
         bucket, probe = bucket[:, order], probe[:, order]
         mask, fallback = support_mask(bucket, probe)
         mask = mask | mask.T | torch.eye(40, dtype=torch.bool)  # a block always meets itself (its own bucket)
-        pairs = block_pairs(bucket[0], probe[0], fallback, n_b, 6)
+        pairs, inside = block_pairs(bucket[0], probe[0], fallback, n_b, 6)
         blocks = range(0, 40, 6)
         want = [(i, j) for i in blocks for j in blocks if i <= j and mask[i : i + 6, j : j + 6].any()]
         assert [(r.start, c.start) for r, c in pairs] == want
         assert (n_b == 16) == bool(fallback.any()) and len(want) < 28
+        # the tiles inside the support: every anchor of the rows probes every column's bucket, or falls back
+        hit = (probe[0][:, :, None] == bucket[0][None, None, :]).any(dim=1) | fallback[:, None]
+        visited = {*want, *((j, i) for i, j in want)}
+        assert inside == {(i, j) for i, j in visited if hit[i : i + 6, j : j + 6].all()}
+        assert 0 < len(inside) < len(visited) or n_b == 16
     z1, z2, _, _, _ = _inputs(12)
     lw = torch.randn(12, 12, generator=g, dtype=D64).masked_fill(~torch.eye(12, dtype=torch.bool).roll(1, 1),
                                                                   float("-inf"))  # W[i, i+1] only

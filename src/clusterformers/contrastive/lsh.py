@@ -250,10 +250,11 @@ def support_sizes(bucket: Tensor, probe: Tensor, n_buckets: int) -> tuple[Tensor
 
 @torch.no_grad()
 def block_pairs(bucket: Tensor, probe: Tensor, fallback: Tensor, n_buckets: int, chunk: int
-                ) -> list[tuple[slice, slice]]:
+                ) -> tuple[list[tuple[slice, slice]], set[tuple[int, int]]]:
     """The pairs of blocks ``(I, J)``, ``I <= J``, of ``chunk`` anchors in which some anchor of one block has
     a negative of the other in its support (one hash round; anchors in any order, normally sorted by bucket
-    so that the pairs are few). A fallback anchor's block meets every block.
+    so that the pairs are few), and the tiles that lie wholly inside the support. A fallback anchor's block
+    meets every block.
 
     Args:
         bucket: long ``[b]`` own bucket of each anchor.
@@ -263,18 +264,30 @@ def block_pairs(bucket: Tensor, probe: Tensor, fallback: Tensor, n_buckets: int,
         chunk: anchors per block.
 
     Returns:
-        ``(rows, cols)`` slices for :func:`~.nce.blockwise_nce`, read from one device-to-host copy of a
-        ``[⌈b / chunk⌉]²`` bool matrix.
+        ``(rows, cols)`` slices for :func:`~.nce.blockwise_nce`, and the ``(rows.start, cols.start)`` of the
+        tiles, in either direction, in which every anchor of ``rows`` probes the bucket of every anchor of
+        ``cols`` or falls back (such a tile needs no support mask); both read from one device-to-host copy
+        of two ``[⌈b / chunk⌉]²`` bool matrices.
     """
     b, dev = bucket.shape[0], bucket.device
     n_blocks = -(-b // chunk)
     block = torch.arange(b, device=dev) // chunk
-    own = torch.zeros(n_blocks * n_buckets, device=dev).index_add_(
-        0, block * n_buckets + bucket, torch.ones(b, device=dev))
+    ones = torch.ones(b, device=dev)
+    own = torch.zeros(n_blocks * n_buckets, device=dev).index_add_(0, block * n_buckets + bucket, ones)
+    own = own.view(n_blocks, n_buckets)
+    # the probes of the anchors that do not fall back (a fallback anchor's block meets every block anyway)
+    kept = (~fallback).to(own.dtype)[:, None].expand_as(probe).reshape(-1)
     probed = torch.zeros(n_blocks * n_buckets, device=dev).index_add_(
-        0, (block[:, None] * n_buckets + probe).reshape(-1), torch.ones(probe.numel(), device=dev))
-    any_fallback = torch.zeros(n_blocks, device=dev).index_add_(0, block, fallback.to(own.dtype)) > 0
-    meets = (probed.view(n_blocks, n_buckets) @ own.view(n_blocks, n_buckets).T > 0) | any_fallback[:, None]
-    meets = (meets | meets.T).triu().cpu()
+        0, (block[:, None] * n_buckets + probe).reshape(-1), kept).view(n_blocks, n_buckets)
+    n_fallback = torch.zeros(n_blocks, device=dev).index_add_(0, block, fallback.to(own.dtype))
+    meets = (probed @ own.T > 0) | (n_fallback > 0)[:, None]
+    # block I covers bucket k when each of its anchors probes k or falls back; the tile (I, J) lies inside
+    # the support when I covers every bucket present in J
+    rows = torch.zeros(n_blocks, device=dev).index_add_(0, block, ones)
+    uncovered = (probed + n_fallback[:, None] < rows[:, None]).to(own.dtype)
+    full = (own > 0).to(own.dtype) @ uncovered.T == 0  # [J, I]
+    both = torch.stack([(meets | meets.T).triu(), full.T]).cpu()
     blocks = [slice(start, min(b, start + chunk)) for start in range(0, b, chunk)]
-    return [(blocks[i], blocks[j]) for i, j in meets.nonzero().tolist()]
+    pairs = [(blocks[i], blocks[j]) for i, j in both[0].nonzero().tolist()]
+    inside = both[1] & (both[0] | both[0].T)
+    return pairs, {(blocks[i].start, blocks[j].start) for i, j in inside.nonzero().tolist()}

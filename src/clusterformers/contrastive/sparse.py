@@ -224,7 +224,12 @@ def _sparse_fare_walk(z1: Tensor, z2: Tensor, q: Tensor, k: Tensor, bucket: Tens
     bucket, probe = bucket[order], probe[order]
     _, fallback, support = support_sizes(bucket, probe, n_b)
     chunk = CHUNK_AUTO_ROWS
-    pairs = block_pairs(bucket, probe, fallback, n_b, chunk)
+    pairs, inside = block_pairs(bucket, probe, fallback, n_b, chunk)
+
+    def attention(q: Tensor, k: Tensor, rows: slice, cols: slice, outside: float = NEG_INF) -> Tensor:
+        if (rows.start, cols.start) in inside:  # the whole tile is in the support: no mask to build
+            return fare_attention(q, k, rho, score, mask_self, rows, cols)
+        return _sparse_attention(q, k, bucket, probe, fallback, rho, score, mask_self, rows, cols, outside)
 
     # A row of a tile may lie wholly outside the support. Filled with the lowest finite value instead of -inf,
     # its logsumexp is finite (about -3e38 in float32), drops out of the sum over tiles, and its gradient is
@@ -232,8 +237,7 @@ def _sparse_fare_walk(z1: Tensor, z2: Tensor, q: Tensor, k: Tensor, bucket: Tens
     lowest = torch.finfo(q.dtype).min
 
     def tile_logsumexp(q: Tensor, k: Tensor, rows: slice, cols: slice) -> Tensor:
-        return fused_row_logsumexp(_sparse_attention(q, k, bucket, probe, fallback, rho, score, mask_self, rows,
-                                                     cols, lowest))
+        return fused_row_logsumexp(attention(q, k, rows, cols, lowest))
 
     # each anchor's softmax normaliser over the blocks its block meets (each tile recomputed in the backward)
     parts: dict[int, list[Tensor]] = {}
@@ -243,8 +247,7 @@ def _sparse_fare_walk(z1: Tensor, z2: Tensor, q: Tensor, k: Tensor, bucket: Tens
     lse = torch.cat([torch.logsumexp(torch.stack(parts[start]), dim=0) for start in sorted(parts)])
 
     def block(q: Tensor, k: Tensor, lse: Tensor, rows: slice, cols: slice) -> Tensor:
-        att = _sparse_attention(q, k, bucket, probe, fallback, rho, score, mask_self, rows, cols)
-        return att + (shift - lse[rows])[:, None]
+        return attention(q, k, rows, cols) + (shift - lse[rows])[:, None]
 
     loss = blockwise_nce(z1, z2, block, (q, k, lse), chunk, pairs=pairs, **nce)
     return loss, fallback, support
