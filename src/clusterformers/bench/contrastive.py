@@ -1,6 +1,7 @@
 """Fair contrastive losses: forward + backward time and peak memory against the dense baselines.
 
-d = 128 embeddings, s = 3 Gaussian sensitive attributes, float32, the same inputs for every loss:
+d = 128 embeddings, s = 3 Gaussian sensitive attributes, float32, the same inputs for every loss; medians
+with the two sides of a row alternating run by run (``common.interleaved``):
 
 - ``fare_vs_cclk`` (b = 4,096): FARE vs CCLK (fp64 kernel solve, O(b³)). Target <= 0.15.
 - ``sparse_fare_vs_fare`` (b = 8,192): sorted SparseFARE with ``bucket_size=64`` (n_b ∝ b, sub-quadratic) vs
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from clusterformers.bench.common import record, time_fn
+from clusterformers.bench.common import interleaved, record
 from clusterformers.bench.cost import loss_step, make_loss, peak_bytes
 
 DIM, SENSITIVE_DIM = 128, 3
@@ -49,7 +50,7 @@ def run(quick: bool, device: torch.device, threads: int) -> list[dict]:
             torch.manual_seed(0)
             steps[loss] = loss_step(make_loss(loss, SENSITIVE_DIM), batch, dim=DIM, sensitive_dim=SENSITIVE_DIM,
                                     device=device)
-        times = {loss: time_fn(steps[loss], warmup=warmup, reps=reps, device=device) for loss in (ours, base)}
+        times = interleaved(steps, warmup, reps, device)
         peaks = {loss: peak_bytes(steps[loss], device) for loss in (ours, base)}
         shape = f"b={batch} d={DIM} s={SENSITIVE_DIM} fp32"
         records.append(record(
