@@ -31,7 +31,7 @@ from clusterformers.contrastive import (
     weighted_nce,
 )
 from clusterformers.contrastive.kernels import median_bandwidth
-from clusterformers.contrastive.nce import segment_logsumexp
+from clusterformers.contrastive.nce import blockwise_nce, segment_logsumexp
 
 D64 = torch.float64
 
@@ -127,6 +127,40 @@ def test_segment_logsumexp_matches_logsumexp_and_is_nan_free():
     assert torch.isfinite(x.grad).all() and (x.grad[1] == 0).all()
     empty = segment_logsumexp(torch.full((1, 3), float("-inf"), dtype=D64), torch.tensor([0]), 2)
     assert torch.isneginf(empty).all()
+
+
+def test_blockwise_row_softmax_weights_equal_the_dense_log_softmax():
+    """``softmax_shift``: the blocks are scores, each anchor's normaliser is summed in the tile walk. Loss and
+    gradients (embeddings and scores) equal ``weighted_nce`` on ``shift + log_softmax(scores)``, also for an
+    anchor whose scores are all ``-inf`` (no negatives: zero loss, zero gradient) and a finite diagonal."""
+    z1, z2 = embeddings(b=11, seed=4)
+    scores = torch.randn(11, 11, generator=torch.Generator().manual_seed(5), dtype=D64)
+    scores[:, 2] = float("-inf")  # nobody's negative
+    scores[4] = float("-inf")  # no negatives at all
+    scores.requires_grad_(True)
+    shift = math.log(10)
+    empty = torch.isneginf(scores.detach()).all(dim=1, keepdim=True)  # log_softmax there is NaN; its W is 0
+
+    def block(s, rows, cols):
+        return s[rows, cols]
+
+    for negatives in ("both", "cross"):
+        log_w = (shift + torch.log_softmax(scores, dim=1)).masked_fill(empty, float("-inf"))
+        dense = weighted_nce(z1, z2, log_w, temperature=0.3, negatives=negatives)
+        want = torch.autograd.grad(dense, (z1, z2, scores))
+        for chunk in (4, 11):  # blocks of 4, 4, 3 anchors; one block
+            got = blockwise_nce(z1, z2, block, (scores,), chunk, temperature=0.3, negatives=negatives,
+                                softmax_shift=shift)
+            assert got.item() == pytest.approx(dense.item(), rel=1e-12)
+            *grads, grad_scores = torch.autograd.grad(got, (z1, z2, scores))
+            for a, c in zip(grads, want):
+                torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-12)
+            # the dense log_softmax's gradient is NaN on the empty row; ours is zero there
+            torch.testing.assert_close(grad_scores[~empty[:, 0]], want[2][~empty[:, 0]], rtol=1e-10, atol=1e-12)
+            assert (grad_scores[4] == 0).all()
+    # the normaliser is taken: unnormalised scores as log W give another loss
+    plain = blockwise_nce(z1, z2, block, (scores.detach() + shift,), 4, temperature=0.3)
+    assert plain.item() != pytest.approx(dense.item(), rel=1e-3)
 
 
 # ---- oracles 2, 3, 6: FARE and Fair-InfoNCE reduce to InfoNCE; literal Eq. 13 ------------------------------

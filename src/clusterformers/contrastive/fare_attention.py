@@ -106,11 +106,5 @@ def _shifted_log_softmax(att: Tensor, shift: float) -> Tensor:
     return shift + torch.log_softmax(att, dim=1)
 
 
-def _row_logsumexp(att: Tensor) -> Tensor:
-    """``logsumexp(att)`` over rows (``[r, b]`` -> ``[r]``)."""
-    return torch.logsumexp(att, dim=1)
-
-
 # compiled forward and backward, static shapes (see clusterformers.fused)
 fused_shifted_log_softmax = fused(_shifted_log_softmax, dynamic=False)
-fused_row_logsumexp = fused(_row_logsumexp, dynamic=False)

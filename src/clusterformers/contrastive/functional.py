@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from clusterformers.contrastive.diagnostics import DIAG_ROWS, weighting_diagnostics
 from clusterformers.contrastive.fare_attention import (
@@ -32,7 +31,6 @@ from clusterformers.contrastive.fare_attention import (
     check_options,
     fare_attention,
     fill_self_pairs,
-    fused_row_logsumexp,
     fused_shifted_log_softmax,
     log_scale,
     projections,
@@ -311,22 +309,14 @@ def _fare_log_weights(q: Tensor, k: Tensor, rho: float, score: str, neg_scale: s
 def _fare_chunked(z1: Tensor, z2: Tensor, zhat: Tensor, q: Tensor, k: Tensor, rho: float, score: str,
                   neg_scale: str, mask_self: bool, nce: dict, chunk: int, return_stats: bool, diagnostics: bool
                   ) -> Tensor | tuple[Tensor, dict[str, float]]:
-    """FARE through :func:`~.nce.blockwise_nce`: memory grows as ``chunk · b`` instead of ``b²`` (the
-    attention normalisers go one row block at a time, the loss one tile of blocks at a time)."""
+    """FARE through :func:`~.nce.blockwise_nce`: memory grows as ``chunk · b`` instead of ``b²``; each anchor's
+    attention softmax is normalised in the same walk over tiles as the loss."""
     b = z1.shape[0]
-    shift = log_scale(b, neg_scale)
 
-    def row_logsumexp(q: Tensor, k: Tensor, start: int, stop: int) -> Tensor:
-        return fused_row_logsumexp(fare_attention(q, k, rho, score, mask_self, slice(start, stop), slice(0, b)))
+    def block(q: Tensor, k: Tensor, rows: slice, cols: slice) -> Tensor:
+        return fare_attention(q, k, rho, score, mask_self, rows, cols)
 
-    # each anchor's softmax normaliser, one row block at a time (recomputed in the backward pass)
-    lse = torch.cat([checkpoint(row_logsumexp, q, k, start, min(b, start + chunk), use_reentrant=False)
-                     for start in range(0, b, chunk)])
-
-    def block(q: Tensor, k: Tensor, lse: Tensor, rows: slice, cols: slice) -> Tensor:
-        return fare_attention(q, k, rho, score, mask_self, rows, cols) + (shift - lse[rows])[:, None]
-
-    loss = blockwise_nce(z1, z2, block, (q, k, lse), chunk, **nce)
+    loss = blockwise_nce(z1, z2, block, (q, k), chunk, softmax_shift=log_scale(b, neg_scale), **nce)
     if not return_stats:
         return loss
     with torch.no_grad():

@@ -35,6 +35,7 @@ from torch import Tensor
 from clusterformers.fused import fused
 
 NEGATIVES = ("both", "cross")
+NEG_INF = float("-inf")
 
 
 @dataclass(frozen=True)
@@ -266,11 +267,24 @@ def _tile_pair_softmax_(t: Tensor, lw: Tensor, lw_t: Tensor, lse: Tensor, lse_t:
     return p.sum(dim=(1, 2)), p_t.sum(dim=(1, 2))
 
 
+def _block_logsumexp(lw: Tensor, dim: int) -> Tensor:
+    """Logsumexp of a ``[r, c]`` block of scores along ``dim`` (rows: 1, columns: 0)."""
+    return _logsumexp(lw, (dim,))
+
+
+def _normaliser_grad(grad_lw: Tensor, lw: Tensor, norm: Tensor, grad_norm: Tensor) -> Tensor:
+    """``grad_lw + grad_norm · e^{lw − norm}``: a block's score gradient plus the part that reaches it through
+    its anchors' softmax normalisers (``norm``, ``grad_norm`` broadcast over the block)."""
+    return grad_lw + grad_norm * torch.exp(lw - norm)
+
+
 # Static shapes: with a symbolic row length, inductor's CPU code for these reductions is slower than eager's.
 _fused_tile_logsumexp = fused(_tile_logsumexp, dynamic=False)
 _fused_tile_pair_logsumexp = fused(_tile_pair_logsumexp, dynamic=False)
 _fused_tile_softmax_ = fused(_tile_softmax_, dynamic=False)
 _fused_tile_pair_softmax_ = fused(_tile_pair_softmax_, dynamic=False)
+_fused_block_logsumexp = fused(_block_logsumexp, dynamic=False)
+_fused_normaliser_grad = fused(_normaliser_grad, dynamic=False)
 
 
 def _tile_pairs(b: int, chunk: int) -> list[tuple[slice, slice]]:
@@ -302,37 +316,59 @@ class _BlockwiseLogSumExp(torch.autograd.Function):
     the rows of I (with ``log W[I, J]``) and those of J (with ``log W[J, I]``): half the matmuls of a row
     sweep. Nothing of size ``b²`` is kept: the forward keeps the ``[b, 2]`` result, and the backward
     recomputes each tile and its log-weights (as attention kernels do), so memory is ``O(chunk²)``.
+
+    With ``shift`` (row-softmax weights, see :func:`blockwise_nce`) the blocks are scores ``s`` and
+    ``log W[i, j] = shift + s_ij − n_i``. The normaliser ``n_i = logsumexp_j s_ij`` only offsets anchor i's
+    sum over its negatives, ``log Σ_j e^{t_ij + log W_ij} = shift − n_i + log Σ_j e^{t_ij + s_ij}``, so both
+    sums are taken in the same walk. Its gradient has a closed form: the result ``lse_i`` (positive included)
+    has ``∂lse_i/∂n_i = −(1 − e^{pos_i − lse_i})``, which reaches ``s_ij`` times ``e^{s_ij − n_i}``.
     """
 
     @staticmethod
     def forward(ctx, a: Tensor, zv: Tensor, pos: Tensor, chunk: int, pairs: list[tuple[slice, slice]],
-                cross_only: bool, log_w_block: Callable[..., Tensor], *inputs: Tensor) -> Tensor:
+                cross_only: bool, log_w_block: Callable[..., Tensor], shift: float | None, *inputs: Tensor
+                ) -> Tensor:
         buf = a.new_empty(4 * min(chunk, pos.shape[0]) ** 2)
-        lse = pos.clone(memory_format=torch.contiguous_format)
+        softmax = shift is not None
+        lse = pos.new_full(pos.shape, NEG_INF) if softmax else pos.clone(memory_format=torch.contiguous_format)
+        norm = pos.new_full(pos.shape[:1], NEG_INF) if softmax else pos.new_empty(0)
         for rows, cols in pairs:
             t = _tile(a, zv[:, cols].reshape(-1, zv.shape[2]), rows, cols, cross_only, buf)
             lw = log_w_block(*inputs, rows, cols).to(t.dtype)
             if rows == cols:
                 lse[rows] = torch.logaddexp(lse[rows], _fused_tile_logsumexp(t, lw))
+                if softmax:
+                    norm[rows] = torch.logaddexp(norm[rows], _fused_block_logsumexp(lw, 1))
                 continue
             lw_t = log_w_block(*inputs, cols, rows).to(t.dtype).T.contiguous()
             lse_rows, lse_cols = _fused_tile_pair_logsumexp(t, lw, lw_t)
             lse[rows] = torch.logaddexp(lse[rows], lse_rows)
             lse[cols] = torch.logaddexp(lse[cols], lse_cols.T)
-        ctx.save_for_backward(a, zv, pos, lse, *inputs)
-        ctx.options = (chunk, pairs, cross_only, log_w_block)
+            if softmax:
+                norm[rows] = torch.logaddexp(norm[rows], _fused_block_logsumexp(lw, 1))
+                norm[cols] = torch.logaddexp(norm[cols], _fused_block_logsumexp(lw_t, 0))
+        if softmax:  # an anchor with no finite score has no negatives (and n_i = 0 keeps the backward finite)
+            finite = torch.isfinite(norm)
+            norm = torch.where(finite, norm, torch.zeros_like(norm))
+            lse = torch.logaddexp(pos, torch.where(finite[:, None], lse + (shift - norm)[:, None], NEG_INF))
+        ctx.save_for_backward(a, zv, pos, lse, norm, *inputs)
+        ctx.options = (chunk, pairs, cross_only, log_w_block, shift)
         return lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-        a, zv, pos, lse, *inputs = ctx.saved_tensors
-        chunk, pairs, cross_only, log_w_block = ctx.options
+        a, zv, pos, lse, norm, *inputs = ctx.saved_tensors
+        chunk, pairs, cross_only, log_w_block, shift = ctx.options
+        softmax = shift is not None
         buf = a.new_empty(4 * min(chunk, pos.shape[0]) ** 2)
         grad_a, grad_zv = torch.zeros_like(a), torch.zeros_like(zv)
         leaves = [t.detach().requires_grad_(t.requires_grad) for t in inputs]
         wanted = [leaf for leaf in leaves if leaf.requires_grad]
         grad_wanted = [torch.zeros_like(leaf) for leaf in wanted]
+        # the tiles' softmax is e^{t + log W − lse}; with row-softmax weights, log W = shift + s − n
+        offset = lse + (norm - shift)[:, None] if softmax else lse
+        grad_norm = (grad * torch.expm1(pos - lse)).sum(dim=1) if softmax else None
         for rows, cols in pairs:
             with torch.enable_grad():
                 lws = [log_w_block(*leaves, rows, cols)]
@@ -342,12 +378,17 @@ class _BlockwiseLogSumExp(torch.autograd.Function):
             t = _tile(a, keys, rows, cols, cross_only, buf)
             lw = lws[0].detach().to(t.dtype)
             if rows == cols:
-                grad_lws = [_fused_tile_softmax_(t, lw, lse[rows], grad[rows]).sum(dim=(1, 2))]
+                grad_lws = [_fused_tile_softmax_(t, lw, offset[rows], grad[rows]).sum(dim=(1, 2))]
+                if softmax:
+                    grad_lws[0] = _fused_normaliser_grad(grad_lws[0], lw, norm[rows, None], grad_norm[rows, None])
             else:
                 lw_t = lws[1].detach().to(t.dtype).T.contiguous()
                 grad_lw, grad_lw_t = _fused_tile_pair_softmax_(
-                    t, lw, lw_t, lse[rows], lse[cols].T.contiguous(), grad[rows], grad[cols].T.contiguous()
+                    t, lw, lw_t, offset[rows], offset[cols].T.contiguous(), grad[rows], grad[cols].T.contiguous()
                 )
+                if softmax:
+                    grad_lw = _fused_normaliser_grad(grad_lw, lw, norm[rows, None], grad_norm[rows, None])
+                    grad_lw_t = _fused_normaliser_grad(grad_lw_t, lw_t, norm[None, cols], grad_norm[None, cols])
                 grad_lws = [grad_lw, grad_lw_t.T]
             r, c = rows.stop - rows.start, cols.stop - cols.start
             a_rows = a[2 * rows.start : 2 * rows.stop]
@@ -364,7 +405,7 @@ class _BlockwiseLogSumExp(torch.autograd.Function):
         grad_pos = grad * torch.exp(pos - lse)
         found = iter(grad_wanted)
         grad_inputs = [next(found) if leaf.requires_grad else None for leaf in leaves]
-        return grad_a, grad_zv, grad_pos, None, None, None, None, *grad_inputs
+        return grad_a, grad_zv, grad_pos, None, None, None, None, None, *grad_inputs
 
 
 def blockwise_nce(
@@ -377,6 +418,7 @@ def blockwise_nce(
     negatives: str = "both",
     symmetric: bool = True,
     pairs: list[tuple[slice, slice]] | None = None,
+    softmax_shift: float | None = None,
 ) -> Tensor:
     """:func:`weighted_nce` with a dense ``log W`` that is never held whole: anchors go in blocks of ``chunk``,
     each pair of blocks is one tile of logits serving both (the logits are symmetric), and the backward pass
@@ -396,6 +438,11 @@ def blockwise_nce(
         pairs: the pairs of blocks ``(rows, cols)`` to visit, slices of ``chunk`` anchors with ``rows`` at or
             before ``cols``; ``None`` = all. ``log W`` must be ``-inf`` on both ``[rows, cols]`` and
             ``[cols, rows]`` of every pair left out (block-sparse weights, as SparseFARE's sorted buckets).
+        softmax_shift: ``None``: the blocks are ``log W``. A number ``c``: the weights are each anchor's
+            softmax over its negatives, scaled by ``e^c`` (FARE's attention): the blocks are scores ``s``,
+            ``log W[i, j] = c + s_ij − logsumexp_j s_ij`` with the logsumexp over the visited blocks. The
+            normalisers are summed in the same walk as the loss, so no pass of their own is needed; an anchor
+            whose scores are all ``-inf`` has no negatives.
     """
     if negatives not in NEGATIVES:
         raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
@@ -406,6 +453,7 @@ def blockwise_nce(
     a = torch.stack([u, v], dim=1).view(-1, u.shape[1]) / temperature  # [2b, d]: anchors in (anchor, view) order
     zv = torch.stack([u, v])  # [2, b, d]: negatives in (view, negative) order
     pairs = _tile_pairs(u.shape[0], chunk) if pairs is None else pairs
-    lse = _BlockwiseLogSumExp.apply(a, zv, pos, chunk, pairs, negatives == "cross", log_w_block, *inputs)
+    lse = _BlockwiseLogSumExp.apply(a, zv, pos, chunk, pairs, negatives == "cross", log_w_block, softmax_shift,
+                                    *inputs)
     rows = (lse - pos).T.reshape(-1)  # [ℓ¹_0..ℓ¹_{b-1}, ℓ²_0..ℓ²_{b-1}]
     return (rows if symmetric else rows[: z1.shape[0]]).mean()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from clusterformers.contrastive.diagnostics import DIAG_ROWS, weighting_diagnostics
 from clusterformers.contrastive.fare_attention import (
@@ -18,7 +17,6 @@ from clusterformers.contrastive.fare_attention import (
     attribute,
     check_options,
     fare_attention,
-    fused_row_logsumexp,
     log_scale,
     projections,
     scores,
@@ -198,14 +196,14 @@ def _sparse_fare_tiles(z1: Tensor, z2: Tensor, q: Tensor, k: Tensor, bucket: Ten
 
 
 def _sparse_attention(q: Tensor, k: Tensor, bucket: Tensor, probe: Tensor, fallback: Tensor, rho: float,
-                      score: str, mask_self: bool, rows: slice, cols: slice, outside: float = NEG_INF) -> Tensor:
-    """SparseFARE's attention scores of anchors ``rows`` against negatives ``cols``, ``outside`` (``-inf``)
-    outside the support (a fallback anchor's support is every ``j``; ``j = i`` at ``-inf`` when
+                      score: str, mask_self: bool, rows: slice, cols: slice) -> Tensor:
+    """SparseFARE's attention scores of anchors ``rows`` against negatives ``cols``, ``-inf`` outside the
+    support (a fallback anchor's support is every ``j``; ``j = i`` at ``-inf`` when
     ``mask_self``)."""
     att = fare_attention(q, k, rho, score, mask_self, rows, cols)
     with torch.no_grad():  # the softmax and logsumexp give the masked entries exactly zero gradient
         hit = (probe[rows, :, None] == bucket[cols][None, None]).any(dim=1) | fallback[rows, None]
-        att.masked_fill_(~hit, outside)
+        att.masked_fill_(~hit, NEG_INF)
     return att
 
 
@@ -226,30 +224,13 @@ def _sparse_fare_walk(z1: Tensor, z2: Tensor, q: Tensor, k: Tensor, bucket: Tens
     chunk = CHUNK_AUTO_ROWS
     pairs, inside = block_pairs(bucket, probe, fallback, n_b, chunk)
 
-    def attention(q: Tensor, k: Tensor, rows: slice, cols: slice, outside: float = NEG_INF) -> Tensor:
+    def block(q: Tensor, k: Tensor, rows: slice, cols: slice) -> Tensor:
         if (rows.start, cols.start) in inside:  # the whole tile is in the support: no mask to build
             return fare_attention(q, k, rho, score, mask_self, rows, cols)
-        return _sparse_attention(q, k, bucket, probe, fallback, rho, score, mask_self, rows, cols, outside)
+        return _sparse_attention(q, k, bucket, probe, fallback, rho, score, mask_self, rows, cols)
 
-    # A row of a tile may lie wholly outside the support. Filled with the lowest finite value instead of -inf,
-    # its logsumexp is finite (about -3e38 in float32), drops out of the sum over tiles, and its gradient is
-    # exactly zero instead of NaN; every row has some tile inside its support.
-    lowest = torch.finfo(q.dtype).min
-
-    def tile_logsumexp(q: Tensor, k: Tensor, rows: slice, cols: slice) -> Tensor:
-        return fused_row_logsumexp(attention(q, k, rows, cols, lowest))
-
-    # each anchor's softmax normaliser over the blocks its block meets (each tile recomputed in the backward)
-    parts: dict[int, list[Tensor]] = {}
-    for rows, cols in pairs:
-        for r, c in ((rows, cols), (cols, rows)) if rows != cols else ((rows, cols),):
-            parts.setdefault(r.start, []).append(checkpoint(tile_logsumexp, q, k, r, c, use_reentrant=False))
-    lse = torch.cat([torch.logsumexp(torch.stack(parts[start]), dim=0) for start in sorted(parts)])
-
-    def block(q: Tensor, k: Tensor, lse: Tensor, rows: slice, cols: slice) -> Tensor:
-        return attention(q, k, rows, cols) + (shift - lse[rows])[:, None]
-
-    loss = blockwise_nce(z1, z2, block, (q, k, lse), chunk, pairs=pairs, **nce)
+    # each anchor's softmax is over the visited blocks, which hold its whole support
+    loss = blockwise_nce(z1, z2, block, (q, k), chunk, pairs=pairs, softmax_shift=shift, **nce)
     return loss, fallback, support
 
 
