@@ -335,17 +335,16 @@ class _BlockwiseLogSumExp(torch.autograd.Function):
         for rows, cols in pairs:
             t = _tile(a, zv[:, cols].reshape(-1, zv.shape[2]), rows, cols, cross_only, buf)
             lw = log_w_block(*inputs, rows, cols).to(t.dtype)
+            if softmax:
+                norm[rows] = torch.logaddexp(norm[rows], _fused_block_logsumexp(lw, 1))
             if rows == cols:
                 lse[rows] = torch.logaddexp(lse[rows], _fused_tile_logsumexp(t, lw))
-                if softmax:
-                    norm[rows] = torch.logaddexp(norm[rows], _fused_block_logsumexp(lw, 1))
                 continue
             lw_t = log_w_block(*inputs, cols, rows).to(t.dtype).T.contiguous()
             lse_rows, lse_cols = _fused_tile_pair_logsumexp(t, lw, lw_t)
             lse[rows] = torch.logaddexp(lse[rows], lse_rows)
             lse[cols] = torch.logaddexp(lse[cols], lse_cols.T)
             if softmax:
-                norm[rows] = torch.logaddexp(norm[rows], _fused_block_logsumexp(lw, 1))
                 norm[cols] = torch.logaddexp(norm[cols], _fused_block_logsumexp(lw_t, 0))
         if softmax:  # an anchor with no finite score has no negatives (and n_i = 0 keeps the backward finite)
             finite = torch.isfinite(norm)
@@ -379,17 +378,16 @@ class _BlockwiseLogSumExp(torch.autograd.Function):
             lw = lws[0].detach().to(t.dtype)
             if rows == cols:
                 grad_lws = [_fused_tile_softmax_(t, lw, offset[rows], grad[rows]).sum(dim=(1, 2))]
-                if softmax:
-                    grad_lws[0] = _fused_normaliser_grad(grad_lws[0], lw, norm[rows, None], grad_norm[rows, None])
             else:
                 lw_t = lws[1].detach().to(t.dtype).T.contiguous()
                 grad_lw, grad_lw_t = _fused_tile_pair_softmax_(
                     t, lw, lw_t, offset[rows], offset[cols].T.contiguous(), grad[rows], grad[cols].T.contiguous()
                 )
                 if softmax:
-                    grad_lw = _fused_normaliser_grad(grad_lw, lw, norm[rows, None], grad_norm[rows, None])
                     grad_lw_t = _fused_normaliser_grad(grad_lw_t, lw_t, norm[None, cols], grad_norm[None, cols])
                 grad_lws = [grad_lw, grad_lw_t.T]
+            if softmax:
+                grad_lws[0] = _fused_normaliser_grad(grad_lws[0], lw, norm[rows, None], grad_norm[rows, None])
             r, c = rows.stop - rows.start, cols.stop - cols.start
             a_rows = a[2 * rows.start : 2 * rows.stop]
             p = t.view(2 * r, 2, c)
