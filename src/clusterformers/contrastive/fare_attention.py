@@ -13,12 +13,12 @@ import torch
 from torch import Tensor
 
 from clusterformers.contrastive.inputs import check_sensitive, compute_dtype, one_hot_groups
+from clusterformers.contrastive.nce import NEG_INF
 from clusterformers.fused import fused
 
 SCORES = ("dot", "neg_sqdist")
 Z_NORMS = ("batch", "none")
 NEG_SCALES = ("b-1", "none")
-NEG_INF = float("-inf")
 
 
 def check_options(rho: float | None, score: str, neg_scale: str, z_norm: str, z_norms: tuple[str, ...] = Z_NORMS
