@@ -128,16 +128,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
             continue
         ratio = rec.get("ratio")
         ratio_s = f"{ratio:7.3f}×" if isinstance(ratio, float) else f"{ratio!s:>8}"
+        interval = rec.get("ratio_interval")
+        interval_s = f"[{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
         verdict = "" if "met" not in rec else f"target {rec['target']}: {'met' if rec['met'] else 'MISSED'}"
-        _out(f"{rec['name']:<32} {ratio_s} vs {rec.get('baseline', '-'):<32} threads {rec.get('threads', '-')} "
-             f"{verdict:<22} {rec.get('shape', rec.get('skipped', ''))}")
+        _out(f"{rec['name']:<32} {ratio_s} {interval_s:<16} vs {rec.get('baseline', '-'):<32} threads "
+             f"{rec.get('threads', '-')} {verdict:<22} {rec.get('shape', rec.get('skipped', ''))}")
     misses = bench.missed(rows)
     if args.check and misses:
-        _out(f"{len(misses)} of {len(rows)} rows miss their target: "
-             + ", ".join(f"{r['name']} ({r['threads']} thread(s)) {r['ratio']:.3f} vs {r['target']}" for r in misses),
-             err=True)
+        _out(f"{len(misses)} of {len(rows)} rows miss their target: " + ", ".join(map(_miss, misses)), err=True)
         return 1
     return 0
+
+
+def _miss(row: dict) -> str:
+    """``name (threads) ratio vs target``, and whether the target lies inside the ratio's interval."""
+    text = f"{row['name']} ({row['threads']} thread(s)) {row['ratio']:.3f} vs {row['target']}"
+    interval = row.get("ratio_interval")
+    if interval and interval[0] <= float(row["target"].lstrip("<=")):
+        text += f" (within noise: interval [{interval[0]:.3f}, {interval[1]:.3f}])"
+    return text
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """Elliptical Attention overhead: forward + backward time against plain SDPA and a dense reference-style path.
 
-Three comparisons, float32, forward + backward, median of ``reps`` runs after warm-up (``common.time_fn``,
-one run at a time, the variants alternating so that load on a shared machine hits all):
+Three comparisons, float32, forward + backward, ``reps`` rounds after warm-up with the variants alternating
+(``common.interleaved``; the ratio is the median of the round ratios, with its interval):
 
 - ``core``: the elliptical core (metric from ``v, v_prev``, ``q ⊙ m``, SDPA) vs SDPA on the same ``q, k, v``.
 - ``module``: :class:`EllipticalAttention` with ``v_prev`` vs :class:`MultiheadAttention` (dim 512).

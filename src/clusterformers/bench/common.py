@@ -1,11 +1,21 @@
-"""Timing helpers shared by the benchmarks: median wall time, interleaved variants, ratio records."""
+"""Timing helpers shared by the benchmarks: median wall time, interleaved variants, ratio records.
+
+A machine shared with other work drifts: the same step can take 15% longer a minute later. The variants of
+a comparison therefore run in rounds, one run of each per round (:func:`interleaved`), and a row's ratio is
+the median over rounds of ours ÷ baseline within the round, where both met the same load. Its interval is
+the distribution-free one for a median: the order statistics ``k`` and ``n + 1 − k`` of the ``n`` round
+ratios, with the largest ``k`` whose binomial coverage is at least 95% (with fewer than 6 rounds no pair
+reaches 95%; then it is the range, with its coverage ``1 − 2^(1−n)``). A row that misses its target with
+the target inside the interval has missed it by less than the machine's noise.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import math
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -38,25 +48,57 @@ def time_fn(
     return statistics.median(times)
 
 
-def interleaved(steps: dict[str, Callable[[], object]], warmup: int, reps: int, device: torch.device) -> dict:
-    """Median seconds per step; the steps alternate run by run so that drift on a shared machine hits all."""
+def interleaved(steps: dict[str, Callable[[], object]], warmup: int, reps: int, device: torch.device
+                ) -> dict[str, list[float]]:
+    """Seconds of each step in each of ``reps`` rounds (one run of every step per round, in order), after
+    ``warmup`` runs of each: the steps alternate so that drift on a shared machine hits all."""
     for step in steps.values():
         time_fn(step, warmup=warmup, reps=1, device=device)
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(reps):
         for name, step in steps.items():
             times[name].append(time_fn(step, warmup=0, reps=1, device=device))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
-def record(name: str, ours: float, baseline: float, baseline_name: str, shape: str, target: float | None = None,
-           **extra: object) -> dict:
+def median_interval(values: Sequence[float], coverage: float = 0.95) -> tuple[float, float, float]:
+    """``(low, high, achieved coverage)``: the order-statistic interval of the median of ``values`` (module
+    docstring)."""
+    xs, n = sorted(values), len(values)
+    if n == 0:
+        raise ValueError("values is empty: need at least one round")
+    k, achieved = 1, 1.0 - 2.0 ** (1 - n)  # the range
+    for j in range(2, n // 2 + 1):  # P(X_(j) <= median <= X_(n+1-j)) = 1 - 2 P(Bin(n, 1/2) <= j - 1)
+        cover = 1.0 - 2.0 * sum(math.comb(n, i) for i in range(j)) / 2.0**n
+        if cover < coverage:
+            break
+        k, achieved = j, cover
+    return xs[k - 1], xs[n - k], achieved
+
+
+def record(name: str, ours: float | Sequence[float], baseline: float | Sequence[float], baseline_name: str,
+           shape: str, target: float | None = None, **extra: object) -> dict:
     """One benchmark row: ``ratio`` is ours / baseline (lower is better); with a ``target``, the row holds
-    ``target`` (``"<=x"``) and ``met`` (``ratio <= target``)."""
-    row = {"name": name, "ratio": ours / baseline, "ours_s": ours, "baseline_s": baseline,
-           "baseline": baseline_name, "shape": shape}
+    ``target`` (``"<=x"``) and ``met`` (``ratio <= target``).
+
+    ``ours`` and ``baseline`` are seconds, or the per-round seconds of :func:`interleaved`: then ``ours_s``
+    and ``baseline_s`` are their medians, ``ratio`` the median of the round ratios, and ``ratio_interval``
+    / ``interval_coverage`` its interval (module docstring).
+    """
+    row: dict[str, object] = {"name": name}
+    if isinstance(ours, (int, float)) and isinstance(baseline, (int, float)):
+        row.update(ratio=ours / baseline, ours_s=ours, baseline_s=baseline)
+    else:
+        if isinstance(ours, (int, float)) or isinstance(baseline, (int, float)) or len(ours) != len(baseline):
+            raise ValueError("ours and baseline: pass two numbers or two equally long lists of round times")
+        rounds = [o / b for o, b in zip(ours, baseline)]
+        low, high, achieved = median_interval(rounds)
+        row.update(ratio=statistics.median(rounds), ours_s=statistics.median(ours),
+                   baseline_s=statistics.median(baseline), ratio_interval=[low, high],
+                   interval_coverage=round(achieved, 4))
+    row.update(baseline=baseline_name, shape=shape)
     if target is not None:
-        row.update(target=f"<={target:.4g}", met=ours / baseline <= target)
+        row.update(target=f"<={target:.4g}", met=row["ratio"] <= target)
     return {**row, **extra}
 
 

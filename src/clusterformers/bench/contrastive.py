@@ -1,7 +1,7 @@
 """Fair contrastive losses: forward + backward time and peak memory against the dense baselines.
 
-d = 128 embeddings, s = 3 Gaussian sensitive attributes, float32, the same inputs for every loss; medians
-with the two sides of a row alternating run by run (``common.interleaved``):
+d = 128 embeddings, s = 3 Gaussian sensitive attributes, float32, the same inputs for every loss; the two
+sides of a row alternate run by run (``common.interleaved``; the ratio is the median of the round ratios):
 
 - ``fare_vs_cclk`` (b = 4,096): FARE vs CCLK (fp64 kernel solve, O(b³)). Target <= 0.15.
 - ``sparse_fare_vs_fare`` (b = 8,192): sorted SparseFARE with ``bucket_size=64`` (n_b ∝ b, sub-quadratic) vs

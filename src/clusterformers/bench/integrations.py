@@ -23,6 +23,7 @@ measured by its tests' environment (``make test-timm``). ``clusterformers bench 
 from __future__ import annotations
 
 import copy
+import statistics
 from collections.abc import Callable
 
 import torch
@@ -125,7 +126,8 @@ def lm_rows(dev: torch.device, warmup: int, reps: int, extra: dict) -> list[dict
         t = interleaved({"ours": _train_step(ours, idx, False), "plain": _train_step(plain, idx, False)}, warmup,
                         reps, dev)
         rows.append(record(name, t["ours"], t["plain"], base_name, shape, target,
-                           tokens_per_s=BATCH * SEQ / t["ours"], baseline_tokens_per_s=BATCH * SEQ / t["plain"],
+                           tokens_per_s=BATCH * SEQ / statistics.median(t["ours"]),
+                           baseline_tokens_per_s=BATCH * SEQ / statistics.median(t["plain"]),
                            **extra))
     t = interleaved({"ours": _lm_decode_step(_lm(dev, attention="elliptical").eval(), idx),
                      "plain": _lm_decode_step(_lm(dev).eval(), idx)}, warmup, reps, dev)
