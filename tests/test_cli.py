@@ -115,11 +115,14 @@ def test_bench_runs_the_installed_modules_at_each_thread_count_and_check_fails_o
                  "target": "<=1", "met": met, "ratio_interval": [0.4, 0.6] if met else [0.9, 2.5]}]
 
     monkeypatch.setattr(attention, "run", fake_run)
+    resets = []
+    monkeypatch.setattr(torch.compiler, "reset", lambda: resets.append(torch.get_num_threads()))
     argv = ["bench", "--json", "--quick", "--only", "attention", "--device", "cpu", "--threads", "1,2"]
     assert cli.main(argv) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["threads"] for r in rows] == [1, 2] and [r["met"] for r in rows] == [True, False]
     assert seen == [(True, "cpu", 1, 1), (True, "cpu", 2, 2)]  # torch's thread count is set for each run
+    assert resets == [1, 2]  # and each run starts from empty compile caches
     assert cli.main([*argv, "--check"]) == 1
     assert ("1 of 2 rows miss their target: fake (2 thread(s)) 2.000 vs <=1 (within noise: interval [0.900, 2.500])"
             in capsys.readouterr().err)

@@ -110,6 +110,22 @@ def test_metric_float64_isotropic_and_gradient_through_the_metric() -> None:
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
 
 
+def test_detached_metric_compiles_once_for_training_and_evaluation() -> None:
+    """A detached metric runs without grad mode, so ``torch.no_grad()`` evaluation reuses the training graph
+    (each grad mode would otherwise be a graph of its own, and dynamo runs eagerly after 8)."""
+    from torch._dynamo.utils import counters
+
+    v, v_prev = _values(5)
+    for detach, graphs in ((True, 1), (False, 2)):  # control: a metric with a graph needs one per grad mode
+        torch._dynamo.reset()
+        counters.clear()
+        want = elliptical_metric(v, v_prev, causal=True, detach=detach)
+        with torch.no_grad():
+            got = elliptical_metric(v, v_prev, causal=True, detach=detach)
+        assert counters["stats"]["unique_graphs"] == graphs
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_metric_check_still_raises_on_nan_at_kept_tokens_only() -> None:
     v, v_prev = _values(2)
     keep = _mask()

@@ -18,6 +18,8 @@ Masks follow ``F.scaled_dot_product_attention``: ``key_padding_mask`` is bool ``
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -203,7 +205,9 @@ def elliptical_metric(
             raise ValueError(_NOT_FINITE)
         return _normalise(_median_over_tokens(a, keep), eps).to(v.dtype)
     core = _mean_metric if prefix is not None else _fused_mean_metric
-    m, finite = core(v, v_prev, keep, causal, eps, estimator == "isotropic", check, prefix)
+    # a detached metric needs no graph: without grad mode, training and evaluation share one compiled graph
+    with torch.no_grad() if detach else contextlib.nullcontext():
+        m, finite = core(v, v_prev, keep, causal, eps, estimator == "isotropic", check, prefix)
     if check and not bool(finite):
         raise ValueError(_NOT_FINITE)
     return m

@@ -5,12 +5,19 @@ Each module (``attention``, ``moe``, ``contrastive``, ``integrations``, ``parall
 ours / baseline (lower is better), and where the row has a bound, ``target`` and ``met``. :func:`run` runs
 the chosen modules at each thread count; ``clusterformers bench`` prints the rows (``--json``: one object
 per line) and with ``--check`` exits non-zero when a row misses its target.
+
+Each module at each thread count starts from empty ``torch.compile`` caches, as a fresh process would: a
+new thread count compiles every fused function again, and after ``torch._dynamo.config.recompile_limit``
+graphs of one function dynamo runs it eagerly, so a long run would otherwise time its later rows on the
+eager code.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+
+import torch
 
 from clusterformers.bench.common import device_of, torch_threads
 
@@ -38,6 +45,7 @@ def run(names: list[str] | tuple[str, ...] = BENCHES, *, quick: bool = False, de
         for n in counts if getattr(module, "THREADED", True) else counts[:1]:
             log.info("benchmark %s on %s, %d thread(s)", name, dev, n)
             with torch_threads(n):
+                torch.compiler.reset()
                 rows += module.run(quick, dev, n)
     return rows
 
