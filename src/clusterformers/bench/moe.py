@@ -8,6 +8,8 @@ alternating run by run (``common.interleaved``; the ratio is the median of the r
   same layer with M = I) at E=16, k=2, d=256, d_ff=512, 8,192 tokens. Target <= 1.02 (<= 1.05 on CUDA).
 - ``experts/E=<E>``: the StableMoE layer at E experts vs the same layer at E = 8, at fixed k, tokens and
   widths: the work is the same, so the cost should not grow with E. Target <= 1.10.
+- ``moe_router/E=<E>``, ``moe_experts/E=<E>``: the router alone and the grouped expert MLP alone at E vs at
+  E = 8 (no targets): where the growth with E comes from.
 - ``experts_vs_dense/E=<E>``: the layer vs one dense two-layer MLP on the ``k·T`` rows it routes (the same
   active FLOPs, no routing). Target <= 1.10.
 - ``dispatch_fwd`` / ``dispatch_fwd_bwd``: ``MoE`` with gated (SwiGLU) experts and Mixtral's router
@@ -57,6 +59,25 @@ def ac_overhead(dev: torch.device, warmup: int, reps: int, extra: dict) -> dict:
     return record("ac_overhead", times["ac"], times["stable"], "stablemoe", SHAPE, target, **extra)
 
 
+def _router_and_experts(layer: MoE, x: torch.Tensor) -> tuple[Callable[[], None], Callable[[], None]]:
+    """Forward + backward of ``layer``'s router alone (into its gate weights) and of its grouped expert MLP
+    alone, on the rows sorted by expert as this ``x`` routes them."""
+    def router() -> None:
+        layer.router.select(x).weights.sum().backward()
+
+    with torch.no_grad():
+        flat = layer.router.select(x).indices.t().reshape(-1)
+        counts = torch.bincount(flat, minlength=layer.num_experts)
+        rows = x[torch.sort(flat, stable=True).indices % x.shape[0]]
+    rows.requires_grad_(True)
+    rows_grad = torch.randn_like(rows)
+
+    def experts() -> None:
+        layer.experts.grouped(rows, counts).backward(rows_grad)
+
+    return router, experts
+
+
 def expert_sweep(dev: torch.device, warmup: int, reps: int, extra: dict, tokens: int,
                  experts: tuple[int, ...]) -> list[dict]:
     """StableMoE layers at each E in ``experts`` (first = the reference E) and the dense MLP on ``k·tokens``
@@ -74,11 +95,17 @@ def expert_sweep(dev: torch.device, warmup: int, reps: int, extra: dict, tokens:
         (F.gelu(rows_in @ w_in) @ w_out).backward(rows_grad)
 
     steps = {f"E={e}": _fwd_bwd(layer, x, grad) for e, layer in layers.items()}
-    times = interleaved({**steps, "dense": dense}, warmup, reps, dev)
+    pieces = {}
+    for e, layer in layers.items():
+        pieces[f"router E={e}"], pieces[f"experts E={e}"] = _router_and_experts(layer, x)
+    times = interleaved({**steps, **pieces, "dense": dense}, warmup, reps, dev)
     shape = f"k={K} d={D} d_ff={D_FF} T={tokens}"
     first = f"E={experts[0]}"
     rows = [record(f"experts/{name}", times[name], times[first], f"the same layer at {first}", shape,
                    TARGET_EXPERTS, **extra) for name in steps if name != first]
+    for piece in ("router", "experts"):  # where the growth comes from: no targets
+        rows += [record(f"moe_{piece}/{name}", times[f"{piece} {name}"], times[f"{piece} {first}"],
+                        f"the same {piece} at {first}", shape, **extra) for name in steps if name != first]
     rows += [record(f"experts_vs_dense/{name}", times[name], times["dense"], f"dense MLP on k·T={K * tokens} rows",
                     shape, TARGET_EXPERTS, **extra) for name in steps if name in ("E=64", "E=128")]
     return rows
