@@ -6,7 +6,9 @@ the median over rounds of ours ÷ baseline within the round, where both met the 
 the distribution-free one for a median: the order statistics ``k`` and ``n + 1 − k`` of the ``n`` round
 ratios, with the largest ``k`` whose binomial coverage is at least 95% (with fewer than 6 rounds no pair
 reaches 95%; then it is the range, with its coverage ``1 − 2^(1−n)``). A row that misses its target with
-the target inside the interval has missed it by less than the machine's noise.
+the target inside the interval has missed it by less than the machine's noise. The interval treats the
+rounds as independent; load that drifts slowly over a run makes neighbouring rounds alike, so it can be
+too narrow, and a second run is the better check.
 """
 
 from __future__ import annotations
