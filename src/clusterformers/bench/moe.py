@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from clusterformers.bench.common import interleaved, record
 from clusterformers.moe import MoE, Router
+from clusterformers.moe.layer import sort_by_expert
 
 E, K, D, D_FF, T = 16, 2, 256, 512, 8192
 SHAPE = f"E={E} k={K} d={D} d_ff={D_FF} T={T}"
@@ -66,9 +67,8 @@ def _router_and_experts(layer: MoE, x: torch.Tensor) -> tuple[Callable[[], None]
         layer.router.select(x).weights.sum().backward()
 
     with torch.no_grad():
-        flat = layer.router.select(x).indices.t().reshape(-1)
-        counts = torch.bincount(flat, minlength=layer.num_experts)
-        rows = x[torch.sort(flat, stable=True).indices % x.shape[0]]
+        _, token, counts = sort_by_expert(layer.router.select(x).indices, layer.num_experts)
+        rows = x[token]
     rows.requires_grad_(True)
     rows_grad = torch.randn_like(rows)
 

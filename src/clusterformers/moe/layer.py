@@ -102,6 +102,16 @@ def expert_capacity(capacity_factor: float, k: int, num_tokens: int, num_experts
     return max(1, math.ceil(capacity_factor * k * num_tokens / num_experts))
 
 
+def sort_by_expert(indices: Tensor, num_experts: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``T·k`` assignments of ``indices`` ``[T, k]`` grouped by expert with a stable sort (within an
+    expert by slot, then token): ``order`` ``[T·k]`` (positions ``slot · T + token``), the ``token`` of each
+    and ``counts`` ``[num_experts]``, the rows of each expert."""
+    flat = indices.t().reshape(-1)
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    return order, order % indices.shape[0], counts
+
+
 def _swiglu(a: Tensor) -> Tensor:
     """``silu(gate) * up`` for ``a = [gate, up]`` ``[..., 2h]`` -> ``[..., h]``."""
     gate, up = a.chunk(2, dim=-1)
@@ -297,12 +307,8 @@ class MoE(RoutingLayer, KeepsLastForward, nn.Module):
         segments (one grouped GEMM per expert matrix where the dtype allows, see ``Experts.fused_grouped``),
         combine with index_add_. The grouped GEMM needs no host sync; the per-expert loop needs one for the
         split sizes, which also carries the finiteness flag unless ``check_inputs`` is False."""
-        T, k = indices.shape
-        E = self.num_experts
-        flat = indices.t().reshape(-1)  # position p = slot * T + token
-        order = torch.sort(flat, stable=True).indices
-        token = order % T
-        counts = torch.zeros(E, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+        T = indices.shape[0]
+        order, token, counts = sort_by_expert(indices, self.num_experts)
         xs = u.index_select(0, token)
         if self.experts.fused_grouped(xs):
             check_finite(x2, "x", self.check_inputs)
