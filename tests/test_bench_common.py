@@ -43,7 +43,10 @@ def test_a_row_of_rounds_is_the_median_of_the_paired_ratios_not_the_ratio_of_med
     assert row["ratio"] == pytest.approx(rounds[2]) == pytest.approx(1.0)
     assert row["ours_s"] == 1.05 and row["baseline_s"] == 1.0  # the medians, whose ratio (1.05) differs
     assert row["ratio_interval"] == [pytest.approx(rounds[0]), pytest.approx(rounds[-1])]
-    assert row["interval_coverage"] == 0.9375 and row["met"] is True
+    assert row["interval_coverage"] == 0.9375 and row["met"] is True and row["within_noise"] is False
+    missed = record("x", ours, base, "base", "shape", target=0.95)  # ratio 1.0, interval [0.909, 1.1]
+    assert missed["met"] is False and missed["within_noise"] is True
+    assert record("x", ours, base, "base", "shape", target=0.9)["within_noise"] is False  # below the interval
     assert record("x", 2.0, 1.0, "base", "shape", 1.5) == {
         "name": "x", "ratio": 2.0, "ours_s": 2.0, "baseline_s": 1.0, "baseline": "base", "shape": "shape",
         "target": "<=1.5", "met": False}

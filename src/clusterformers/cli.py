@@ -141,11 +141,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _miss(row: dict) -> str:
-    """``name (threads) ratio vs target``, and whether the target lies inside the ratio's interval."""
+    """``name (threads) ratio vs target``, and the ratio's interval when the target lies inside it."""
     text = f"{row['name']} ({row['threads']} thread(s)) {row['ratio']:.3f} vs {row['target']}"
-    interval = row.get("ratio_interval")
-    if interval and interval[0] <= float(row["target"].lstrip("<=")):
-        text += f" (within noise: interval [{interval[0]:.3f}, {interval[1]:.3f}])"
+    if row.get("within_noise"):
+        low, high = row["ratio_interval"]
+        text += f" (within noise: interval [{low:.3f}, {high:.3f}])"
     return text
 
 
