@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import clusterformers.attention as attention_mod
 from clusterformers.attention import (
     ESTIMATORS,
     EllipticalAttention,
@@ -442,6 +443,36 @@ def test_metric_floor_and_isotropic() -> None:
     )
 
 
+@pytest.mark.parametrize("n", [1, 7, 31, 32, 33, 64, 70, 130])
+def test_blocked_prefix_sum_equals_cumsum(n: int) -> None:
+    a = torch.rand(2, 3, n, 5, dtype=torch.float64)
+    got = attention_mod._blocked_prefix_sum_(a.clone())
+    torch.testing.assert_close(got, a.cumsum(dim=2), rtol=1e-12, atol=1e-12)
+
+
+def test_cpu_causal_metric_runs_the_blocked_scan_and_matches_the_loops(monkeypatch) -> None:
+    scans = []
+    real = attention_mod._blocked_prefix_sum_
+    monkeypatch.setattr(attention_mod, "_blocked_prefix_sum_", lambda a: scans.append(a.shape[2]) or real(a))
+    n = 70  # two blocks of 32 and six tokens past them
+    v, v_prev = torch.randn(3, 2, n, 4, dtype=torch.float64), torch.randn(3, 2, n, 4, dtype=torch.float64)
+    keep = padding_mask_from_lengths(torch.tensor([n, 40, 3]), n)
+    for mask in (None, keep):
+        m = elliptical_metric(v, v_prev, causal=True, key_padding_mask=mask)
+        torch.testing.assert_close(m, ref_metric(v, v_prev, mask, causal=True), rtol=1e-12, atol=1e-12)
+        iso = elliptical_metric(v, v_prev, causal=True, key_padding_mask=mask, estimator="isotropic")
+        torch.testing.assert_close(iso, m.mean(-1, keepdim=True).expand_as(m), rtol=1e-12, atol=1e-12)
+    low = elliptical_metric(v.bfloat16(), v_prev.bfloat16(), causal=True)
+    assert low.dtype == torch.bfloat16
+    want = ref_metric(v.bfloat16().double(), v_prev.bfloat16().double(), causal=True)
+    torch.testing.assert_close(low.double(), want, rtol=1e-2, atol=1e-2)
+    assert scans == [n] * 5
+    # the other paths keep torch.cumsum: a metric with a graph, and the whole-sequence mean (no scan at all)
+    elliptical_metric(v, v_prev, causal=True, detach=False)
+    elliptical_metric(v, v_prev)
+    assert len(scans) == 5
+
+
 def test_random_metric_reproducible() -> None:
     v = torch.randn(2, 2, 6, 4)
     draw = [
@@ -536,8 +567,9 @@ def test_module_errors() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("causal", [False, True])
-def test_cuda_matches_cpu(causal: bool) -> None:
-    layer = EllipticalAttention(DIM, HEADS, causal=causal, metric_grad=True).double()
+@pytest.mark.parametrize("metric_grad", [False, True])
+def test_cuda_matches_cpu(causal: bool, metric_grad: bool) -> None:
+    layer = EllipticalAttention(DIM, HEADS, causal=causal, metric_grad=metric_grad).double()
     x = torch.randn(3, 9, DIM, dtype=torch.float64, requires_grad=True)
     v_prev = torch.randn(3, HEADS, 9, DIM // HEADS, dtype=torch.float64, requires_grad=True)
     keep = padding_mask_from_lengths(torch.tensor([9, 5, 2]), 9)

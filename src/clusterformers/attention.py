@@ -10,7 +10,8 @@ through the model's shared :class:`~clusterformers.state.LayerState` (see
 :func:`clusterformers.share_state`), or by hand with ``return_values=True`` and ``v_prev=``.
 
 The mean and causal prefix-mean metric run through ``torch.compile`` (:mod:`clusterformers.fused`), with
-the eager code as the reference and the fallback.
+the eager code as the reference and the fallback. On the CPU the detached causal metric puts a blocked
+prefix sum of its own between two compiled regions, because ``torch.cumsum`` there is a scalar scan.
 
 Masks follow ``F.scaled_dot_product_attention``: ``key_padding_mask`` is bool ``[B, N]`` with
 **True = keep** (a real token) and False = padding, the opposite of ``torch.nn.MultiheadAttention``.
@@ -204,10 +205,14 @@ def elliptical_metric(
         if check and not bool(torch.isfinite(a).all()):
             raise ValueError(_NOT_FINITE)
         return _normalise(_median_over_tokens(a, keep), eps).to(v.dtype)
-    core = _mean_metric if prefix is not None else _fused_mean_metric
+    isotropic = estimator == "isotropic"
     # a detached metric needs no graph: without grad mode, training and evaluation share one compiled graph
     with torch.no_grad() if detach else contextlib.nullcontext():
-        m, finite = core(v, v_prev, keep, causal, eps, estimator == "isotropic", check, prefix)
+        if causal and detach and prefix is None and v.device.type == "cpu" and not torch.compiler.is_compiling():
+            m, finite = _cpu_prefix_mean_metric(v, v_prev, keep, eps, isotropic, check)
+        else:
+            core = _mean_metric if prefix is not None else _fused_mean_metric
+            m, finite = core(v, v_prev, keep, causal, eps, isotropic, check, prefix)
     if check and not bool(finite):
         raise ValueError(_NOT_FINITE)
     return m
@@ -228,6 +233,19 @@ def _abs_diff(v: Tensor, v_prev: Tensor, keep: Tensor | None) -> Tensor:
     return a
 
 
+def _abs_diff_and_finite(v: Tensor, v_prev: Tensor, keep: Tensor | None, check: bool) -> tuple[Tensor, Tensor | None]:
+    """:func:`_abs_diff` and, with ``check``, whether it is finite (a bool scalar tensor; None without)."""
+    a = _abs_diff(v, v_prev, keep)
+    return a, torch.isfinite(a).all() if check else None
+
+
+def _prefix_count(keep: Tensor | None, a: Tensor) -> Tensor:
+    """Kept tokens up to each position of ``a [B,H,N,D]``: ``[1,1,N,1]``, or ``[B,1,N,1]`` from ``keep``."""
+    if keep is None:
+        return torch.arange(1, a.shape[2] + 1, device=a.device, dtype=a.dtype)[None, None, :, None]
+    return keep.to(a.dtype).cumsum(dim=2)
+
+
 def _mean_metric(
     v: Tensor,
     v_prev: Tensor,
@@ -244,14 +262,10 @@ def _mean_metric(
     ``[B,H,1,D]`` (``[B,H,N,D]`` causal), and a bool scalar tensor (None without ``check``). The eager
     reference of :func:`_fused_mean_metric`.
     """
-    a = _abs_diff(v, v_prev, keep)
-    finite = torch.isfinite(a).all() if check else None
+    a, finite = _abs_diff_and_finite(v, v_prev, keep, check)
     rdtype, n = a.dtype, a.shape[2]
     if causal:
-        if keep is None:
-            count = torch.arange(1, n + 1, device=a.device, dtype=rdtype)[None, None, :, None]
-        else:
-            count = keep.to(rdtype).cumsum(dim=2)
+        count = _prefix_count(keep, a)
         if a.is_cuda:  # CUDA scans an outer dim sequentially over N, the last dim in parallel
             s = a.transpose(2, 3).cumsum(dim=3).transpose(2, 3).contiguous()
         else:
@@ -270,6 +284,55 @@ def _mean_metric(
 
 
 _fused_mean_metric = fused(_mean_metric)
+
+
+_SCAN_BLOCK = 32
+
+
+def _blocked_prefix_sum_(a: Tensor) -> Tensor:
+    """``a [B,H,N,D]`` replaced, in place, by its inclusive prefix sum over N; returns ``a``.
+
+    ``torch.cumsum`` on the CPU scans each ``(b, h, d)`` line by itself, one scalar add after the other, so
+    its time follows the latency of an add rather than memory bandwidth. Here the N positions form blocks
+    of 32: one vectorised add per position inside a block runs over every block at once (31 ops), then each
+    block is offset by the sum of the blocks before it (a cumsum over the N/32 block totals). The tokens
+    past the last whole block are added one position at a time. Sums are float32 in blocks, where
+    ``torch.cumsum`` accumulates in float64: they differ by float32 rounding.
+    """
+    n = a.shape[2]
+    size = min(_SCAN_BLOCK, n)
+    blocks = n // size
+    body = a[:, :, : blocks * size].unflatten(2, (blocks, size))  # [B, H, blocks, size, D], a view of a
+    for i in range(1, size):
+        body[:, :, :, i].add_(body[:, :, :, i - 1])
+    if blocks > 1:
+        totals = body[:, :, :-1, -1]  # [B, H, blocks - 1, D]
+        body[:, :, 1:].add_(totals.cumsum(dim=2)[:, :, :, None])
+    for t in range(blocks * size, n):
+        a[:, :, t].add_(a[:, :, t - 1])
+    return a
+
+
+def _prefix_normalise_(s: Tensor, keep: Tensor | None, eps: float, isotropic: bool, dtype: torch.dtype) -> Tensor:
+    """The causal metric from the prefix sums ``s [B,H,N,D]`` (overwritten), in ``dtype``."""
+    m = _normalise(s.div_(_prefix_count(keep, s).clamp_min(1.0)), eps)
+    if isotropic:
+        m = m.copy_(m.mean(dim=-1, keepdim=True).expand_as(m))
+    return m.to(dtype)
+
+
+_fused_abs_diff_and_finite = fused(_abs_diff_and_finite)
+_fused_prefix_normalise_ = fused(_prefix_normalise_)
+
+
+def _cpu_prefix_mean_metric(
+    v: Tensor, v_prev: Tensor, keep: Tensor | None, eps: float, isotropic: bool, check: bool
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`_mean_metric` with ``causal=True`` for detached CPU tensors, with the prefix sum of
+    :func:`_blocked_prefix_sum_` between two compiled regions (inductor has no CPU scan of its own and calls
+    ``torch.cumsum``). Allocates one ``[B,H,N,D]`` buffer, which becomes ``m`` (in the reduction dtype)."""
+    a, finite = _fused_abs_diff_and_finite(v, v_prev, keep, check)
+    return _fused_prefix_normalise_(_blocked_prefix_sum_(a), keep, eps, isotropic, v.dtype), finite
 
 
 class PrefixSums:
