@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from clusterformers.bench.common import median_interval, record
+from clusterformers.bench.common import combine_processes, median_interval, record
 
 
 def _coverage(n: int, k: int) -> float:
@@ -49,6 +49,24 @@ def test_a_row_of_rounds_is_the_median_of_the_paired_ratios_not_the_ratio_of_med
     assert record("x", ours, base, "base", "shape", target=0.9)["within_noise"] is False  # below the interval
     assert record("x", 2.0, 1.0, "base", "shape", 1.5) == {
         "name": "x", "ratio": 2.0, "ours_s": 2.0, "baseline_s": 1.0, "baseline": "base", "shape": "shape",
-        "target": "<=1.5", "met": False}
+        "target": "<=1.5", "bound": 1.5, "met": False}
     with pytest.raises(ValueError, match="equally long lists"):
         record("x", [1.0, 2.0], [1.0], "base", "shape")
+
+
+def test_combined_processes_take_the_median_of_the_process_ratios_and_decide_again() -> None:
+    def row(ratio: float, threads: int) -> dict:
+        return {"name": "x", "threads": threads, "shape": "s", "ratio": ratio, "ours_s": 2 * ratio, "baseline_s": 2.0,
+                "target": "<=1.02", "bound": 1.02, "met": ratio <= 1.02, "ratio_interval": [ratio, ratio],
+                "within_noise": False}
+
+    skip = {"name": "hf", "skipped": "transformers is absent"}
+    per_process = [(1.00, 1.05, 1.05), (1.08, 1.01, 1.03), (0.99, 1.04, 1.04)]
+    runs = [[row(a, 1), row(b, 2), row(c, 4), skip] for a, b, c in per_process]
+    one, two, four, skipped = combine_processes(runs)
+    assert one["ratio"] == 1.00 and one["process_ratios"] == [1.00, 1.08, 0.99] and one["processes"] == 3
+    assert one["ratio_interval"] == [0.99, 1.08] and one["interval_coverage"] == 0.75
+    assert one["ours_s"] == 2.0 and one["met"] is True and one["within_noise"] is False
+    assert two["ratio"] == 1.04 and two["met"] is False and two["within_noise"] is True  # one process met it
+    assert four["ratio"] == 1.04 and four["met"] is False and four["within_noise"] is False  # none did
+    assert skipped == skip

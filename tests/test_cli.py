@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +136,36 @@ def test_bench_runs_the_installed_modules_at_each_thread_count_and_check_fails_o
     assert cli.main(["bench", "--only", "nope"]) == 2
     assert "unknown benchmarks ['nope']" in capsys.readouterr().err
     assert cli.main(["bench", "--only", "attention", "--threads", "0"]) == 2
+
+
+def test_bench_processes_runs_fresh_interpreters_and_combines_their_rows(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import clusterformers.bench as bench
+
+    commands, ratios = [], iter([1.0, 1.3, 0.9])
+
+    def fake_run(command, **kwargs):
+        commands.append(command)
+        line = json.dumps({"name": "fake", "threads": 1, "shape": "x", "ratio": next(ratios), "bound": 1.1,
+                           "target": "<=1.1", "met": True})
+        return subprocess.CompletedProcess(command, 0, stdout=line + "\n")
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    assert cli.main(["bench", "--json", "--only", "moe", "--threads", "1", "--processes", "3", "--check"]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["ratio"] == 1.0 and row["process_ratios"] == [1.0, 1.3, 0.9] and row["met"] is True
+    assert len(commands) == 3 and commands[0][:3] == [sys.executable, "-m", "clusterformers"]
+    assert commands[0][3:] == ["bench", "--json", "--only", "moe", "--device", "auto", "--threads", "1"]
+    assert cli.main(["bench", "--processes", "0"]) == 2
+    assert "processes: expected a positive count, got 0" in capsys.readouterr().err
+
+    def failing(command, **kwargs):
+        raise subprocess.CalledProcessError(1, command)
+
+    monkeypatch.setattr(bench.subprocess, "run", failing)
+    assert cli.main(["bench", "--only", "moe", "--processes", "2"]) == 2
+    assert "returned non-zero exit status 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("level", ["byte", "word"])

@@ -118,8 +118,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     names = args.only.split(",") if args.only else list(bench.BENCHES)
     try:
         threads = [int(t) for t in args.threads.split(",")]
-        rows = bench.run(names, quick=args.quick, device=args.device, threads=threads)
-    except ValueError as err:
+        if args.processes == 1:
+            rows = bench.run(names, quick=args.quick, device=args.device, threads=threads)
+        else:
+            rows = bench.run_processes(names, processes=args.processes, quick=args.quick, device=args.device,
+                                       threads=threads)
+    except (ValueError, subprocess.CalledProcessError) as err:
         _out(f"bench: {err}", err=True)
         return 2
     for rec in rows:
@@ -226,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="auto")
     b.add_argument("--threads", default="1,2", help="comma-separated torch thread counts, each run in turn (CPU)")
     b.add_argument("--check", action="store_true", help="exit 1 when a row misses its target")
+    b.add_argument("--processes", type=int, default=1,
+                   help="run the benchmarks in this many fresh processes and report the median over them")
     b.set_defaults(func=cmd_bench)
     return p
 

@@ -4,7 +4,8 @@ Each module (``attention``, ``moe``, ``contrastive``, ``integrations``, ``parall
 ``run(quick, device, threads)`` returning rows of :func:`~clusterformers.bench.common.record`: ``ratio`` =
 ours / baseline (lower is better), and where the row has a bound, ``target`` and ``met``. :func:`run` runs
 the chosen modules at each thread count; ``clusterformers bench`` prints the rows (``--json``: one object
-per line) and with ``--check`` exits non-zero when a row misses its target.
+per line) and with ``--check`` exits non-zero when a row misses its target. With ``--processes N``
+(:func:`run_processes`) it runs them in N fresh processes and reports the median over processes.
 
 Each module at each thread count starts from empty ``torch.compile`` caches, as a fresh process would: a
 new thread count compiles every fused function again, and after ``torch._dynamo.config.recompile_limit``
@@ -15,13 +16,16 @@ eager code.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
+import subprocess
+import sys
 
 import torch
 
-from clusterformers.bench.common import device_of, torch_threads
+from clusterformers.bench.common import combine_processes, device_of, torch_threads
 
-__all__ = ["BENCHES", "missed", "run"]
+__all__ = ["BENCHES", "missed", "run", "run_processes"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,25 @@ def run(names: list[str] | tuple[str, ...] = BENCHES, *, quick: bool = False, de
                 torch.compiler.reset()
                 rows += module.run(quick, dev, n)
     return rows
+
+
+def run_processes(names: list[str] | tuple[str, ...] = BENCHES, *, processes: int, quick: bool = False,
+                  device: str = "auto", threads: list[int] | tuple[int, ...] = (1, 2)) -> list[dict]:
+    """:func:`run` in ``processes`` fresh interpreters, one after the other (``python -m clusterformers bench
+    --json``), combined by :func:`~clusterformers.bench.common.combine_processes`."""
+    if processes < 1:
+        raise ValueError(f"processes: expected a positive count, got {processes}")
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        raise ValueError(f"names: unknown benchmarks {unknown}; choose from {', '.join(BENCHES)}")
+    command = [sys.executable, "-m", "clusterformers", "bench", "--json", "--only", ",".join(names),
+               "--device", device, "--threads", ",".join(map(str, threads)), *(["--quick"] if quick else [])]
+    runs = []
+    for i in range(processes):
+        log.info("benchmark process %d of %d", i + 1, processes)
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+        runs.append([json.loads(line) for line in done.stdout.splitlines() if line.strip()])
+    return combine_processes(runs)
 
 
 def missed(rows: list[dict]) -> list[dict]:

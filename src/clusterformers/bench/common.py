@@ -101,10 +101,49 @@ def record(name: str, ours: float | Sequence[float], baseline: float | Sequence[
                    interval_coverage=round(achieved, 4))
     row.update(baseline=baseline_name, shape=shape)
     if target is not None:
-        row.update(target=f"<={target:.4g}", met=row["ratio"] <= target)
-        if "ratio_interval" in row:
-            row["within_noise"] = not row["met"] and row["ratio_interval"][0] <= target
+        row.update(target=f"<={target:.4g}", bound=target, **_verdict(row, target))
     return {**row, **extra}
+
+
+def _verdict(row: dict, bound: float) -> dict[str, bool]:
+    """``met`` (``ratio <= bound``) and, for a row with an interval, ``within_noise`` (a miss whose interval
+    reaches down to the bound)."""
+    verdict = {"met": row["ratio"] <= bound}
+    if "ratio_interval" in row:
+        verdict["within_noise"] = not verdict["met"] and row["ratio_interval"][0] <= bound
+    return verdict
+
+
+def combine_processes(runs: Sequence[Sequence[dict]]) -> list[dict]:
+    """One row per ``(name, threads, shape)`` from the rows of the same benchmarks run in several processes.
+
+    A process carries effects that its rounds share (where its buffers landed in memory, which of them got
+    huge pages), so one process's interval can miss the scatter between processes. A combined row's
+    ``ratio`` is the median of the processes' ratios, ``ratio_interval`` / ``interval_coverage`` its
+    interval over processes (:func:`median_interval`), ``process_ratios`` the ratios themselves, and
+    ``processes`` their number; ``ours_s`` / ``baseline_s`` are medians, and ``met`` / ``within_noise`` are
+    decided again. Rows without a numeric ratio (skips, counts) are the first process's.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for rows in runs:
+        for row in rows:
+            groups.setdefault((row["name"], row.get("threads"), row.get("shape")), []).append(row)
+    combined = []
+    for rows in groups.values():
+        row = dict(rows[0])
+        ratios = [r.get("ratio") for r in rows]
+        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in ratios):
+            low, high, achieved = median_interval(ratios)
+            row.update(ratio=statistics.median(ratios), ratio_interval=[low, high],
+                       interval_coverage=round(achieved, 4), process_ratios=ratios, processes=len(rows))
+            for key in ("ours_s", "baseline_s"):
+                if all(key in r for r in rows):
+                    row[key] = statistics.median(r[key] for r in rows)
+            if "bound" in row:
+                row.pop("within_noise", None)
+                row.update(_verdict(row, row["bound"]))
+        combined.append(row)
+    return combined
 
 
 def device_of(device: str) -> torch.device:
