@@ -32,15 +32,19 @@ log = logging.getLogger(__name__)
 BENCHES = ("attention", "moe", "contrastive", "integrations", "parallel")
 
 
-def run(names: list[str] | tuple[str, ...] = BENCHES, *, quick: bool = False, device: str = "auto",
-        threads: list[int] | tuple[int, ...] = (1, 2)) -> list[dict]:
-    """The rows of the benchmarks ``names``, each run once per entry of ``threads`` (torch intra-op threads;
-    on CUDA, and for modules with ``THREADED = False`` that fix their own, only the first entry is used)."""
+def _check_arguments(names: list[str] | tuple[str, ...], threads: list[int] | tuple[int, ...]) -> None:
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
         raise ValueError(f"names: unknown benchmarks {unknown}; choose from {', '.join(BENCHES)}")
     if not threads or any(t < 1 for t in threads):
         raise ValueError(f"threads: expected positive thread counts, got {list(threads)}")
+
+
+def run(names: list[str] | tuple[str, ...] = BENCHES, *, quick: bool = False, device: str = "auto",
+        threads: list[int] | tuple[int, ...] = (1, 2)) -> list[dict]:
+    """The rows of the benchmarks ``names``, each run once per entry of ``threads`` (torch intra-op threads;
+    on CUDA, and for modules with ``THREADED = False`` that fix their own, only the first entry is used)."""
+    _check_arguments(names, threads)
     dev = device_of(device)
     counts = list(threads[:1]) if dev.type == "cuda" else list(threads)
     rows = []
@@ -60,9 +64,7 @@ def run_processes(names: list[str] | tuple[str, ...] = BENCHES, *, processes: in
     --json``), combined by :func:`~clusterformers.bench.common.combine_processes`."""
     if processes < 1:
         raise ValueError(f"processes: expected a positive count, got {processes}")
-    unknown = [n for n in names if n not in BENCHES]
-    if unknown:
-        raise ValueError(f"names: unknown benchmarks {unknown}; choose from {', '.join(BENCHES)}")
+    _check_arguments(names, threads)
     command = [sys.executable, "-m", "clusterformers", "bench", "--json", "--only", ",".join(names),
                "--device", device, "--threads", ",".join(map(str, threads)), *(["--quick"] if quick else [])]
     runs = []

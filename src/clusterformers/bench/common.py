@@ -140,7 +140,6 @@ def combine_processes(runs: Sequence[Sequence[dict]]) -> list[dict]:
                 if all(key in r for r in rows):
                     row[key] = statistics.median(r[key] for r in rows)
             if "bound" in row:
-                row.pop("within_noise", None)
                 row.update(_verdict(row, row["bound"]))
         combined.append(row)
     return combined
