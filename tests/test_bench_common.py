@@ -1,4 +1,5 @@
-"""The benchmarks' ratio rows: paired round ratios and the order-statistic interval of their median."""
+"""The benchmarks' ratio rows: paired round ratios and the order-statistic interval of their median; the
+alternating order of the rounds."""
 
 from __future__ import annotations
 
@@ -6,8 +7,9 @@ import math
 import random
 
 import pytest
+import torch
 
-from clusterformers.bench.common import combine_processes, median_interval, record
+from clusterformers.bench.common import combine_processes, interleaved, median_interval, record
 
 
 def _coverage(n: int, k: int) -> float:
@@ -70,3 +72,12 @@ def test_combined_processes_take_the_median_of_the_process_ratios_and_decide_aga
     assert two["ratio"] == 1.04 and two["met"] is False and two["within_noise"] is True  # one process met it
     assert four["ratio"] == 1.04 and four["met"] is False and four["within_noise"] is False  # none did
     assert skipped == skip
+
+
+def test_interleaved_rounds_alternate_the_order_so_that_no_step_always_runs_first() -> None:
+    calls: list[str] = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in ("a", "b", "c")}
+    times = interleaved(steps, warmup=2, reps=4, device=torch.device("cpu"))
+    assert "".join(calls[:9]) == "aaabbbccc"  # warm-up: two runs and one timed run of each in turn
+    assert "".join(calls[9:]) == "abc" + "cba" + "abc" + "cba"
+    assert {name: len(ts) for name, ts in times.items()} == {"a": 4, "b": 4, "c": 4}

@@ -2,7 +2,10 @@
 
 A machine shared with other work drifts: the same step can take 15% longer a minute later. The variants of
 a comparison therefore run in rounds, one run of each per round (:func:`interleaved`), and a row's ratio is
-the median over rounds of ours ÷ baseline within the round, where both met the same load. Its interval is
+the median over rounds of ours ÷ baseline within the round, where both met the same load. The order within a
+round alternates (forward, then reversed), so that neither variant always runs first: on the CPU the step
+that follows another model's step runs on that step's freed memory, which alone moved one training-step
+ratio by 2% when the order was fixed. Its interval is
 the distribution-free one for a median: the order statistics ``k`` and ``n + 1 − k`` of the ``n`` round
 ratios, with the largest ``k`` whose binomial coverage is at least 95% (with fewer than 6 rounds no pair
 reaches 95%; then it is the range, with its coverage ``1 − 2^(1−n)``). A row that misses its target with
@@ -52,14 +55,16 @@ def time_fn(
 
 def interleaved(steps: dict[str, Callable[[], object]], warmup: int, reps: int, device: torch.device
                 ) -> dict[str, list[float]]:
-    """Seconds of each step in each of ``reps`` rounds (one run of every step per round, in order), after
-    ``warmup`` runs of each: the steps alternate so that drift on a shared machine hits all."""
+    """Seconds of each step in each of ``reps`` rounds (one run of every step per round), after ``warmup``
+    runs of each: the steps alternate so that drift on a shared machine hits all, in the given order in even
+    rounds and the reverse in odd ones, so that no step always runs first."""
     for step in steps.values():
         time_fn(step, warmup=warmup, reps=1, device=device)
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(reps):
-        for name, step in steps.items():
-            times[name].append(time_fn(step, warmup=0, reps=1, device=device))
+    names = list(steps)
+    for round_ in range(reps):
+        for name in names if round_ % 2 == 0 else reversed(names):
+            times[name].append(time_fn(steps[name], warmup=0, reps=1, device=device))
     return times
 
 
