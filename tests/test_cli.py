@@ -160,6 +160,25 @@ def test_bench_processes_runs_fresh_interpreters_and_combines_their_rows(
     assert cli.main(["bench", "--processes", "0"]) == 2
     assert "processes: expected a positive count, got 0" in capsys.readouterr().err
 
+    ratios = iter([1.2, 1.0])
+
+    def interrupted(command, **kwargs):  # Ctrl-C during the third process: the two finished ones are kept
+        if len(commands) == 5:
+            raise KeyboardInterrupt
+        return fake_run(command, **kwargs)
+
+    monkeypatch.setattr(bench.subprocess, "run", interrupted)
+    assert cli.main(["bench", "--json", "--only", "moe", "--threads", "1", "--processes", "3"]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert row["process_ratios"] == [1.2, 1.0] and row["ratio"] == pytest.approx(1.1)
+
+    def interrupted_at_once(command, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench.subprocess, "run", interrupted_at_once)
+    with pytest.raises(KeyboardInterrupt):  # nothing finished: nothing to combine
+        bench.run_processes(["moe"], processes=2, threads=[1])
+
     def failing(command, **kwargs):
         raise subprocess.CalledProcessError(1, command)
 

@@ -61,7 +61,8 @@ def run(names: list[str] | tuple[str, ...] = BENCHES, *, quick: bool = False, de
 def run_processes(names: list[str] | tuple[str, ...] = BENCHES, *, processes: int, quick: bool = False,
                   device: str = "auto", threads: list[int] | tuple[int, ...] = (1, 2)) -> list[dict]:
     """:func:`run` in ``processes`` fresh interpreters, one after the other (``python -m clusterformers bench
-    --json``), combined by :func:`~clusterformers.bench.common.combine_processes`."""
+    --json``), combined by :func:`~clusterformers.bench.common.combine_processes`. Interrupted (Ctrl-C) after
+    at least one process has finished, it combines the finished ones instead of losing them."""
     if processes < 1:
         raise ValueError(f"processes: expected a positive count, got {processes}")
     _check_arguments(names, threads)
@@ -70,7 +71,13 @@ def run_processes(names: list[str] | tuple[str, ...] = BENCHES, *, processes: in
     runs = []
     for i in range(processes):
         log.info("benchmark process %d of %d", i + 1, processes)
-        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+        try:
+            done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
+        except KeyboardInterrupt:
+            if not runs:
+                raise
+            log.warning("interrupted in process %d of %d: combining the %d finished", i + 1, processes, len(runs))
+            break
         runs.append([json.loads(line) for line in done.stdout.splitlines() if line.strip()])
     return combine_processes(runs)
 
